@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL := models/default
+BUNDLE := engines/default
+
+.PHONY: demo test bundle lint typecheck clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first and explicitly: the pinned CPU build is available offline; anything else pulls CUDA packages.
+# tensorrt-stubs declares a dependency on TensorRT itself, which cannot be installed here: stubs only (--no-deps).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+	touch $(STAMP)
+
+# The default engine bundle, regenerated whenever the shipped checkpoint or the exporter changes.
+$(BUNDLE)/manifest.json: $(STAMP) $(MODEL)/model.safetensors $(MODEL)/config.json $(wildcard export/*.py)
+	$(BIN)/diffiml export $(MODEL) --out $(BUNDLE)
+
+bundle: $(BUNDLE)/manifest.json
+
+demo: $(BUNDLE)/manifest.json
+	$(BIN)/diffiml localize examples/sample_splice.png --bundle $(BUNDLE) --out out/demo \
+		--truth examples/sample_splice_mask.png
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --follow-imports=silent runtime/backends/tensorrt_backend.py export/tensorrt_build.py
+
+test: $(BUNDLE)/manifest.json
+	$(BIN)/ruff check .
+	$(BIN)/mypy --follow-imports=silent runtime/backends/tensorrt_backend.py export/tensorrt_build.py
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(BUNDLE) out .pytest_cache .mypy_cache

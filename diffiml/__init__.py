@@ -1,0 +1,2 @@
+"""DiffIML: score-based image manipulation localization."""
+__version__ = "0.1.0"

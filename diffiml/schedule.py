@@ -1,0 +1,81 @@
+"""The DDIM schedule as plain numpy: one definition for training, export and the runtime.
+
+Follows diffusers' ``DDIMScheduler`` with the settings the authors use (linear betas, ``set_alpha_to_one=True``,
+``timestep_spacing="leading"``, ``steps_offset=0``, ``clip_sample=True``, eta = 0, ``prediction_type="sample"``).
+With sigma = 0 one step is affine in (z0_hat, z_t), so each step reduces to two coefficients:
+``z_prev = coef_x0 * clip(z0_hat) + coef_xt * z_t``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffiml.constants import BETA_END, BETA_START, CLIP_SAMPLE_RANGE, NUM_TRAIN_TIMESTEPS
+
+
+def alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """alpha-bar_t for t = 0..T-1 (float64), from linear betas."""
+    betas = np.linspace(BETA_START, BETA_END, num_train_timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+
+def respaced_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """'leading' spacing: 8 steps give [875, 750, ..., 125, 0]."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    ratio = num_train_timesteps // steps
+    return (np.arange(steps, dtype=np.int64) * ratio)[::-1].copy()
+
+
+@dataclass(frozen=True)
+class DdimPlan:
+    """Everything a sampler needs for K steps: timesteps and the two coefficients of each step."""
+
+    timesteps: np.ndarray  # (K,) int64
+    coef_x0: np.ndarray  # (K,) float32
+    coef_xt: np.ndarray  # (K,) float32
+
+    def to_json(self) -> dict:
+        return {
+            "timesteps": [int(t) for t in self.timesteps],
+            "coef_x0": [float(c) for c in self.coef_x0],
+            "coef_xt": [float(c) for c in self.coef_xt],
+        }
+
+    @staticmethod
+    def from_json(data: dict) -> DdimPlan:
+        return DdimPlan(
+            np.asarray(data["timesteps"], dtype=np.int64),
+            np.asarray(data["coef_x0"], dtype=np.float32),
+            np.asarray(data["coef_xt"], dtype=np.float32),
+        )
+
+
+def ddim_plan(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DdimPlan:
+    acp = alphas_cumprod(num_train_timesteps)
+    timesteps = respaced_timesteps(steps, num_train_timesteps)
+    ratio = num_train_timesteps // steps
+    a_t = acp[timesteps]
+    prev = timesteps - ratio
+    a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, None)], 1.0)  # set_alpha_to_one=True
+    coef_xt = np.sqrt(1.0 - a_prev) / np.sqrt(1.0 - a_t)
+    coef_x0 = np.sqrt(a_prev) - coef_xt * np.sqrt(a_t)
+    return DdimPlan(timesteps, coef_x0.astype(np.float32), coef_xt.astype(np.float32))
+
+
+def ddim_step(z0_hat: np.ndarray, z_t: np.ndarray, coef_x0: float, coef_xt: float) -> np.ndarray:
+    """One deterministic DDIM update (eta = 0) for a model that predicts z0."""
+    z0 = np.clip(z0_hat, -CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE)
+    return (coef_x0 * z0 + coef_xt * z_t).astype(z_t.dtype, copy=False)
+
+
+def ensemble_noise(seed: int, members: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Initial latents for ``members`` draws, (members, *shape) float32.
+
+    One definition shared by the PyTorch reference sampler and the runtime, so both start from the same noise
+    for the same seed. The noise depends only on the seed, never on the batch an image happens to be in.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return rng.standard_normal((members, *shape), dtype=np.float32)

@@ -1,0 +1,34 @@
+"""Shared fixtures: everything is the `tiny` config (64x64) so the suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffiml.train.data.synthetic import make_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(out, n=24, seed=7, size=64, holdout_type="inpaint")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic_set: Path) -> Path:
+    """A tiny DiffIML trained for a few steps (after a few LightVAE steps): a real checkpoint to export."""
+    from diffiml.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    data = str(synthetic_set / "train.json")
+    common = ["--config", "tiny", "--data", data, "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2"]
+    assert main(["train-vae", *common, "--out", str(root / "vae")]) == 0
+    assert main(["train", *common, "--out", str(root / "diffiml"), "--vae", str(root / "vae")]) == 0
+    return root / "diffiml"

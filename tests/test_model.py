@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+from diffiml.train.config import ModelConfig, get_config
+from diffiml.train.data.edges import edge_map
+from diffiml.train.model import DiffIML, DiscriminativeBaseline
+
+from diffiml.constants import PRIOR_RATE
+
+
+def test_condition_encoder_outputs_the_latent_grid_for_any_multiple_of_32():
+    cfg = get_config("tiny")
+    cfg.image_size = 96
+    model = DiffIML(cfg).eval()
+    assert model.encoder(torch.zeros(2, 3, 96, 96)).shape == (2, cfg.head_channels, 12, 12)
+
+
+def test_image_size_must_be_a_multiple_of_32():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ModelConfig(image_size=100)
+
+
+def test_condition_split_equals_one_conv_on_the_concatenation():
+    cfg = get_config("tiny")
+    unet = DiffIML(cfg).unet
+    h = torch.randn(1, cfg.unet_channels, 8, 8)
+    c = torch.randn(1, cfg.head_channels, 8, 8)
+    weight = torch.cat([unet.latent_entry.weight, unet.condition_entry.weight], dim=1)
+    joint = torch.nn.functional.conv2d(torch.cat([h, c], 1), weight, padding=1)
+    torch.testing.assert_close(unet.latent_entry(h) + unet.condition_features(c), joint, atol=1e-5, rtol=1e-5)
+
+
+def test_error_prior_adds_prior_rate_gaussian_before_noising():
+    """At t = 0, z_t = sqrt(a0) (z0 + lambda xi) + sqrt(1 - a0) eps: its spread around z0 is about lambda."""
+    model = DiffIML(get_config("tiny"))
+    z0 = torch.zeros(4096)
+    a = model.alphas_cumprod[0]
+    xi, eps = torch.randn(4096), torch.randn(4096)
+    z_t = a.sqrt() * (z0 + PRIOR_RATE * xi) + (1 - a).sqrt() * eps
+    expected = float((a * PRIOR_RATE**2 + (1 - a)).sqrt())
+    assert abs(float(z_t.std()) - expected) < 0.01
+    assert expected > PRIOR_RATE * 0.99
+
+
+def test_lightvae_stays_in_eval_mode_while_diffusion_trains():
+    model = DiffIML(get_config("tiny")).train()
+    assert not model.vae.training and model.encoder.training
+    assert not any(p.requires_grad for p in model.vae.parameters())
+
+
+def test_edge_map_is_a_band_around_the_mask_boundary():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 1
+    edge = edge_map(mask)
+    assert edge[32, 32] == 0 and edge[0, 0] == 0
+    assert edge[16, 32] == 1 and edge[32, 47] == 1
+    assert 4 <= edge[32, :].sum() <= 2 * 9  # two crossings, each about 7 wide
+
+
+def test_losses_are_finite_and_positive():
+    cfg = get_config("tiny")
+    image, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    for model in (DiffIML(cfg), DiscriminativeBaseline(cfg)):
+        loss = model.loss(image, mask, mask, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss) and loss > 0
+
+
+def test_paper_config_matches_the_paper_parameter_count():
+    from diffiml.train.info import _params_m
+
+    model = DiffIML(get_config("paper"))
+    params = _params_m(model.encoder, model.unet)
+    assert abs(params - 48.51) / 48.51 < 0.05

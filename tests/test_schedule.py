@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from diffiml.schedule import ddim_plan, ddim_step, ensemble_noise, respaced_timesteps
+
+
+def test_eight_leading_steps_match_the_authors_timesteps():
+    assert respaced_timesteps(8).tolist() == [875, 750, 625, 500, 375, 250, 125, 0]
+
+
+def test_ddim_returns_z0_for_perfect_predictor():
+    rng = np.random.default_rng(0)
+    z0 = rng.uniform(-0.9, 0.9, (3, 8, 4, 4)).astype(np.float32)
+    plan = ddim_plan(8)
+    z = rng.standard_normal(z0.shape).astype(np.float32)
+    for cx0, cxt in zip(plan.coef_x0, plan.coef_xt, strict=True):
+        z = ddim_step(z0, z, cx0, cxt)
+    np.testing.assert_allclose(z, z0, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 8, 10])
+def test_ddim_step_matches_diffusers(steps):
+    torch = pytest.importorskip("torch")
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="sample",
+                          timestep_spacing="leading")
+    sched.set_timesteps(steps)
+    plan = ddim_plan(steps)
+    assert sched.timesteps.tolist() == plan.timesteps.tolist()
+    rng = np.random.default_rng(1)
+    for i, t in enumerate(sched.timesteps):
+        z = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
+        pred = (1.5 * rng.standard_normal(z.shape)).astype(np.float32)  # exercises the clip too
+        ours = ddim_step(pred, z, plan.coef_x0[i], plan.coef_xt[i])
+        ref = sched.step(torch.from_numpy(pred), t, torch.from_numpy(z), eta=0.0).prev_sample.numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_ensemble_noise_is_seeded():
+    a, b = ensemble_noise(3, 5, (8, 2, 2)), ensemble_noise(3, 5, (8, 2, 2))
+    assert a.dtype == np.float32 and a.shape == (5, 8, 2, 2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, ensemble_noise(4, 5, (8, 2, 2)))

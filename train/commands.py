@@ -1,0 +1,142 @@
+"""Command-line handlers of the training stack: info, make-synthetic, train-vae, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("diffiml")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters and GMACs per component of a named config")
+    p.add_argument("--config", default="paper")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=info)
+
+    p = sub.add_parser("make-synthetic", help="write a synthetic forgery set (IMDLBenCo JSON lists)")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--holdout-type", default=None, help="a manipulation kept out of train.json")
+    p.set_defaults(handler=make_synthetic)
+
+    for name, fn in (("train", train), ("train-vae", train_vae)):
+        p = sub.add_parser(name, help="train DiffIML (or --baseline)" if name == "train" else "train LightVAE")
+        p.add_argument("--config", default="small", help="a named config (tiny, small, paper)")
+        p.add_argument("--data", required=True, help="IMDLBenCo JSON list or Tp/Gt folder")
+        p.add_argument("--out", required=True, help="run folder; checkpoints go to OUT/checkpoint")
+        p.add_argument("--steps", type=int, default=1000)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--lr", type=float, default=1e-4)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--workers", type=int, default=0)
+        p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+        p.add_argument("--image-size", type=int, default=None, help="override the config's input size")
+        if name == "train":
+            p.add_argument("--baseline", action="store_true", help="the discriminative baseline (Table 5)")
+            p.add_argument("--vae", default=None, help="a trained LightVAE run folder (required for DiffIML)")
+            p.add_argument("--pretrained", default=None, help="local Hugging Face backbone folder, e.g. mit-b3")
+        else:
+            p.add_argument("--teacher", default=None, help="local sd-vae-ft-mse folder (diffusers AutoencoderKL)")
+        p.set_defaults(handler=fn)
+
+
+def info(args: argparse.Namespace) -> int:
+    from diffiml.train.config import get_config
+    from diffiml.train.info import model_info
+
+    result = model_info(get_config(args.config))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"config {result['config']} ({result['image_size']}x{result['image_size']})")
+    print(f"params (trainable): {result['params_m']:.2f} M; total {result['params_m_total']:.2f} M")
+    for part, value in result["params_m_by_part"].items():
+        print(f"  {part:<10} {value:8.3f} M")
+    for part, value in result["gmacs_by_part"].items():
+        print(f"  {part:<20} {value:8.3f} GMACs")
+    for key in ("gmacs_n1", "gmacs_n5", "gmacs_n1_executed", "gmacs_n5_executed"):
+        print(f"{key:<20} {result[key]:8.2f}")
+    return 0
+
+
+def make_synthetic(args: argparse.Namespace) -> int:
+    from diffiml.train.data.synthetic import make_synthetic as build
+    from tqdm import tqdm
+
+    with tqdm(total=args.n, desc="make-synthetic", file=sys.stderr) as bar:
+        counts = build(args.out, args.n, args.seed, args.size, args.holdout_type, progress=lambda _: bar.update())
+    print(json.dumps({"out": str(args.out), **counts}))
+    return 0
+
+
+def _options(args: argparse.Namespace):  # noqa: ANN202
+    from diffiml.train.trainer import TrainOptions
+
+    return TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every, num_workers=args.workers)
+
+
+def _dataset(args: argparse.Namespace, image_size: int):  # noqa: ANN202
+    from diffiml.train.data.dataset import ForgeryDataset
+    from diffiml.train.data.readers import read_dataset
+
+    samples = read_dataset(args.data)
+    log.info("%s: %d samples", args.data, len(samples))
+    return ForgeryDataset(samples, image_size, train=True, seed=args.seed)
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202
+    from diffiml.train.config import ModelConfig, get_config
+
+    config = get_config(args.config)
+    if args.image_size:
+        config = ModelConfig.from_json({**config.to_json(), "image_size": args.image_size})
+    return config
+
+
+def _check_resume(args: argparse.Namespace) -> None:
+    ckpt = Path(args.out) / "checkpoint"
+    if not args.resume and ckpt.exists():
+        raise ValueError(f"{args.out} already holds a checkpoint: pass --resume to continue it, or another --out")
+
+
+def train_vae(args: argparse.Namespace) -> int:
+    from diffiml.train.light_vae import LightVAE
+    from diffiml.train.trainer import train as run
+    from diffiml.train.vae_distill import VaeDistillation, load_teacher
+
+    _check_resume(args)
+    config = _config(args)
+    model = VaeDistillation(LightVAE(config.vae_channels), load_teacher(args.teacher) if args.teacher else None)
+    ckpt_config = {"kind": "lightvae", "model": config.to_json(), "teacher": bool(args.teacher)}
+    losses = run(model, _dataset(args, config.image_size), args.out, ckpt_config, _options(args), args.resume,
+                 save_module=model.vae)
+    print(json.dumps({"out": args.out, "steps": args.steps, "final_loss": losses[-1] if losses else None}))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from diffiml.train.checkpoint import load_weights
+    from diffiml.train.model import build_model
+    from diffiml.train.trainer import train as run
+
+    _check_resume(args)
+    config = _config(args)
+    model = build_model(config, baseline=args.baseline, pretrained=args.pretrained)
+    if not args.baseline:
+        if args.vae:
+            load_weights(args.vae, model.vae)
+        elif not args.resume:
+            log.warning("no --vae given: the LightVAE is random, so the masks this model learns are meaningless")
+    kind = "baseline" if args.baseline else "diffiml"
+    losses = run(model, _dataset(args, config.image_size), args.out, {"kind": kind, "model": config.to_json()},
+                 _options(args), args.resume)
+    print(json.dumps({"out": args.out, "steps": args.steps, "final_loss": losses[-1] if losses else None}))
+    return 0

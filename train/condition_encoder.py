@@ -1,0 +1,64 @@
+"""Condition encoder: a Segformer (MiT) or ResNet backbone read once per image, and a Segformer-style head.
+
+The head maps each of the four backbone stages to ``head_channels`` with a 1x1 conv, resizes every stage to the
+latent grid (1/8 of the input), concatenates them in the order [c4, c3, c2, c1] and fuses them with a 3x3 conv,
+BatchNorm and ReLU (authors' code; paper Fig. 3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffiml.train.config import MIT_VARIANTS, RESNET_VARIANTS, ModelConfig
+from torch import nn
+
+
+def build_backbone(config: ModelConfig, pretrained: str | Path | None = None) -> tuple[nn.Module, list[int]]:
+    """A transformers backbone and its four stage widths. ``pretrained`` is a local Hugging Face folder."""
+    if config.backbone in MIT_VARIANTS:
+        from transformers import SegformerConfig, SegformerModel
+
+        if pretrained is not None:
+            model = SegformerModel.from_pretrained(str(pretrained), attn_implementation="eager")
+            return model, list(model.config.hidden_sizes)
+        shape = MIT_VARIANTS[config.backbone]
+        seg_config = SegformerConfig(**shape, layer_norm_eps=1e-6, attn_implementation="eager")
+        return SegformerModel(seg_config), list(shape["hidden_sizes"])
+    from transformers import ResNetConfig, ResNetModel
+
+    if pretrained is not None:
+        model = ResNetModel.from_pretrained(str(pretrained))
+        return model, list(model.config.hidden_sizes)
+    res_config = ResNetConfig(depths=RESNET_VARIANTS[config.backbone], layer_type="bottleneck")
+    return ResNetModel(res_config), list(res_config.hidden_sizes)
+
+
+class ConditionEncoder(nn.Module):
+    """image (B, 3, H, W), ImageNet-normalized -> condition (B, head_channels, H/8, W/8)."""
+
+    def __init__(self, config: ModelConfig, pretrained: str | Path | None = None) -> None:
+        super().__init__()
+        self.backbone, widths = build_backbone(config, pretrained)
+        self.is_resnet = config.backbone in RESNET_VARIANTS
+        self.latent_size = config.latent_size
+        c = config.head_channels
+        self.stage_proj = nn.ModuleList(nn.Conv2d(w, c, kernel_size=1) for w in widths)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(4 * c, c, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        )
+
+    def stages(self, image: torch.Tensor) -> list[torch.Tensor]:
+        out = self.backbone(pixel_values=image, output_hidden_states=True)
+        states = out.hidden_states[1:] if self.is_resnet else out.hidden_states
+        return list(states)[-4:]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # The grid size is a Python int from the config, not read from a tensor: it exports as a constant.
+        grid = (self.latent_size, self.latent_size)
+        feats = [
+            F.interpolate(proj(s), size=grid, mode="bilinear", align_corners=False)
+            for proj, s in zip(self.stage_proj, self.stages(image), strict=True)
+        ]
+        return self.fuse(torch.cat(feats[::-1], dim=1))

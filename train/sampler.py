@@ -1,0 +1,73 @@
+"""The PyTorch reference pipeline (Algorithm 2): the condition once, K DDIM steps (sigma = 0) for an ensemble of N
+noise draws batched together, the averaged latent decoded once, then a sigmoid; optional flip TTA merged by max.
+
+Seeded and deterministic: the initial noise comes from ``diffiml.schedule.ensemble_noise`` (numpy), the same
+function the runtime uses, so exported engines can be checked against this pipeline draw for draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffiml.train.model import DiffIML
+
+from diffiml.constants import CLIP_SAMPLE_RANGE, LATENT_CHANNELS
+from diffiml.schedule import ddim_plan, ensemble_noise
+
+
+@dataclass
+class Sample:
+    probability: torch.Tensor  # (B, 1, H, W) at model resolution, in [0, 1]
+    member_probability: torch.Tensor | None  # (B, N, H, W) per ensemble member, when asked for
+
+
+@torch.no_grad()
+def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """image (B, 3, H, W); noise (N, 8, h, w), shared by every image -> final latents (B, N, 8, h, w)."""
+    b, n = image.shape[0], noise.shape[0]
+    plan = ddim_plan(steps)
+    cond = model.unet.condition_features(model.encoder(image)).repeat_interleave(n, dim=0)
+    z = noise.to(image.device).repeat(b, 1, 1, 1)
+    for t, c_x0, c_xt in zip(plan.timesteps, plan.coef_x0, plan.coef_xt, strict=True):
+        timestep = torch.full((b * n,), int(t), dtype=torch.int64, device=image.device)
+        z0 = model.unet(z, timestep, cond).clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE)
+        z = float(c_x0) * z0 + float(c_xt) * z
+    return z.view(b, n, *z.shape[1:])
+
+
+@torch.no_grad()
+def decode_probability(model: DiffIML, latents: torch.Tensor) -> torch.Tensor:
+    """Mask latents (..., 8, h, w) -> probability (..., H, W)."""
+    lead = latents.shape[:-3]
+    mask_latent = latents.reshape(-1, *latents.shape[-3:])[:, :LATENT_CHANNELS]
+    prob = torch.sigmoid(model.vae.decode(mask_latent))
+    return prob.view(*lead, *prob.shape[-2:])
+
+
+@torch.no_grad()
+def sample(model: DiffIML, image: torch.Tensor, steps: int = 8, ensemble: int = 5, seed: int = 0,
+           tta: bool = False, members: bool = False, noise: np.ndarray | None = None) -> Sample:
+    """image: (B, 3, H, W) ImageNet-normalized at the model's input size."""
+    model.eval()
+    h = image.shape[-1] // 8
+    draws = ensemble * (2 if tta else 1)
+    noise_np = ensemble_noise(seed, draws, (2 * LATENT_CHANNELS, h, h)) if noise is None else noise
+    noise_t = torch.from_numpy(np.ascontiguousarray(noise_np))
+    passes = [(image, noise_t[:ensemble], False)]
+    if tta:
+        passes.append((image.flip(-1), noise_t[ensemble:], True))
+    probs, member_probs = [], []
+    for img, nz, flipped in passes:
+        z = denoise(model, img, nz, steps)
+        p = decode_probability(model, z.mean(dim=1)).unsqueeze(1)
+        m = decode_probability(model, z) if members else None
+        if flipped:
+            p = p.flip(-1)
+            m = m.flip(-1) if m is not None else None
+        probs.append(p)
+        member_probs.append(m)
+    prob = torch.maximum(probs[0], probs[1]) if tta else probs[0]
+    member = torch.cat(member_probs, dim=1) if members else None  # type: ignore[arg-type]
+    return Sample(prob, member)
