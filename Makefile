@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+	$(BIN)/python tools/stage_stubs.py $(VENV)/stubs
 	touch $(STAMP)
 
 # The default engine bundle, regenerated whenever the shipped checkpoint or the exporter changes.
@@ -32,12 +33,16 @@ demo: $(BUNDLE)/manifest.json
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# mypy reads TensorRT's API from tensorrt-stubs (staged by tools/stage_stubs.py), not from TensorRT itself.
+TYPECHECK := MYPYPATH=$(VENV)/stubs $(BIN)/mypy --follow-imports=silent \
+	runtime/backends/tensorrt_backend.py runtime/backends/cuda_memory.py export/tensorrt_build.py
+
 typecheck: $(STAMP)
-	$(BIN)/mypy --follow-imports=silent runtime/backends/tensorrt_backend.py export/tensorrt_build.py
+	$(TYPECHECK)
 
 test: $(BUNDLE)/manifest.json
 	$(BIN)/ruff check .
-	$(BIN)/mypy --follow-imports=silent runtime/backends/tensorrt_backend.py export/tensorrt_build.py
+	$(TYPECHECK)
 	$(BIN)/python -m pytest -q
 
 clean:

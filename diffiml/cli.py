@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffiml: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError) as exc:
+    except (UserError, ValueError, OSError, RuntimeError) as exc:
         # Typed errors of ours subclass ValueError or OSError; their message already names the file and the fix.
         if args.verbose:
             raise

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+
+from diffiml.constants import PRIOR_RATE
 from diffiml.train.config import ModelConfig, get_config
 from diffiml.train.data.edges import edge_map
 from diffiml.train.model import DiffIML, DiscriminativeBaseline
-
-from diffiml.constants import PRIOR_RATE
 
 
 def test_condition_encoder_outputs_the_latent_grid_for_any_multiple_of_32():

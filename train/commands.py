@@ -37,6 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--checkpoint-every", type=int, default=200)
         p.add_argument("--workers", type=int, default=0)
         p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+        p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step")
         p.add_argument("--image-size", type=int, default=None, help="override the config's input size")
         if name == "train":
             p.add_argument("--baseline", action="store_true", help="the discriminative baseline (Table 5)")
@@ -67,8 +68,9 @@ def info(args: argparse.Namespace) -> int:
 
 
 def make_synthetic(args: argparse.Namespace) -> int:
-    from diffiml.train.data.synthetic import make_synthetic as build
     from tqdm import tqdm
+
+    from diffiml.train.data.synthetic import make_synthetic as build
 
     with tqdm(total=args.n, desc="make-synthetic", file=sys.stderr) as bar:
         counts = build(args.out, args.n, args.seed, args.size, args.holdout_type, progress=lambda _: bar.update())
@@ -80,7 +82,8 @@ def _options(args: argparse.Namespace):  # noqa: ANN202
     from diffiml.train.trainer import TrainOptions
 
     return TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, num_workers=args.workers)
+                        checkpoint_every=args.checkpoint_every, num_workers=args.workers,
+                        stop_after=args.stop_after)
 
 
 def _dataset(args: argparse.Namespace, image_size: int):  # noqa: ANN202

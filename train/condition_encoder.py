@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffiml.train.config import MIT_VARIANTS, RESNET_VARIANTS, ModelConfig
 from torch import nn
+
+from diffiml.train.config import MIT_VARIANTS, RESNET_VARIANTS, ModelConfig
 
 
 def build_backbone(config: ModelConfig, pretrained: str | Path | None = None) -> tuple[nn.Module, list[int]]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffiml.train.config import ModelConfig
-from diffiml.train.model import DiffIML
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffiml.constants import LATENT_CHANNELS
+from diffiml.train.config import ModelConfig
+from diffiml.train.model import DiffIML
 
 
 def _gmacs(fn: Any) -> tuple[float, float]:

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffiml.train.condition_encoder import ConditionEncoder
-from diffiml.train.config import ModelConfig
-from diffiml.train.light_vae import LightVAE
-from diffiml.train.unet import DenoisingUNet
 from torch import nn
 
 from diffiml.constants import LATENT_CHANNELS, NUM_TRAIN_TIMESTEPS, PRIOR_RATE, SEGMENTATION_WEIGHT
 from diffiml.schedule import alphas_cumprod
+from diffiml.train.condition_encoder import ConditionEncoder
+from diffiml.train.config import ModelConfig
+from diffiml.train.light_vae import LightVAE
+from diffiml.train.unet import DenoisingUNet
 
 
 class DiffIML(nn.Module):

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffiml.train.model import DiffIML
 
 from diffiml.constants import CLIP_SAMPLE_RANGE, LATENT_CHANNELS
 from diffiml.schedule import ddim_plan, ensemble_noise
+from diffiml.train.model import DiffIML
 
 
 @dataclass
@@ -28,7 +28,7 @@ def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int
     """image (B, 3, H, W); noise (N, 8, h, w), shared by every image -> final latents (B, N, 8, h, w)."""
     b, n = image.shape[0], noise.shape[0]
     plan = ddim_plan(steps)
-    cond = model.unet.condition_features(model.encoder(image)).repeat_interleave(n, dim=0)
+    cond = model.unet.condition_features(model.encoder(image))  # once per image, broadcast in the UNet
     z = noise.to(image.device).repeat(b, 1, 1, 1)
     for t, c_x0, c_xt in zip(plan.timesteps, plan.coef_x0, plan.coef_xt, strict=True):
         timestep = torch.full((b * n,), int(t), dtype=torch.int64, device=image.device)

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffiml.train.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
+
+from diffiml.train.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 200
     num_workers: int = 0
+    stop_after: int | None = None  # end this process after that step (checkpointed); resume later
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -142,8 +144,11 @@ def train(model: nn.Module, dataset: Any, run_dir: str | Path, config: dict[str,
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         done = step + 1
-        if rank == 0 and (done % options.checkpoint_every == 0 or done == options.steps):
+        stopping = options.stop_after is not None and done >= options.stop_after
+        if rank == 0 and (done % options.checkpoint_every == 0 or done == options.steps or stopping):
             save_checkpoint(run_dir, saved, config, optimizer, state_of(done))
+        if stopping:
+            break
     bar.close()
     if world > 1:
         dist.barrier()

@@ -15,8 +15,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffiml.train.config import ModelConfig
 from torch import nn
+
+from diffiml.train.config import ModelConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -89,9 +90,12 @@ class DenoisingUNet(nn.Module):
         return self.condition_entry(condition)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond_features: torch.Tensor) -> torch.Tensor:
-        """z_t: (B, 8, h, w); t: (B,) timesteps in [0, T); cond_features: (B, C, h, w) -> z0_hat (B, 8, h, w)."""
+        """z_t: (B·N, 8, h, w), image-major (the N ensemble members of image 0 first); t: (B·N,) or (1,)
+        timesteps in [0, T); cond_features: (B, C, h, w), one per image, broadcast over its N members here
+        rather than copied N times by the caller -> z0_hat (B·N, 8, h, w)."""
         temb = self.time_mlp(timestep_embedding(t, self.freq_dim))
-        h = self.latent_entry(self.conv_in(z_t)) + cond_features
+        h = self.latent_entry(self.conv_in(z_t))
+        h = (h.unflatten(0, (cond_features.shape[0], -1)) + cond_features[:, None]).flatten(0, 1)
         skips = [h]
         for block in self.down:
             h = block(h, temb)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffiml.train.light_vae import LightVAE
 from torch import nn
 
 from diffiml.constants import CLIP_SAMPLE_RANGE, DISTILL_LATENT_WEIGHT, LATENT_SCALE
+from diffiml.train.light_vae import LightVAE
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import logging
 import cv2
 import numpy as np
 import torch
-from diffiml.train.data.augment import augment
-from diffiml.train.data.edges import edge_map
-from diffiml.train.data.readers import Sample, load_pair
 from torch.utils.data import Dataset
 
 from diffiml.constants import IMAGE_MEAN, IMAGE_STD
+from diffiml.train.data.augment import augment
+from diffiml.train.data.edges import edge_map
+from diffiml.train.data.readers import Sample, load_pair
 
 log = logging.getLogger(__name__)
 

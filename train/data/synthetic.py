@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from diffiml.train.data.augment import jpeg
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,44 @@
+"""Command-line handlers of the export stage: ``diffiml export`` and ``diffiml build-engines``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="checkpoint -> engine bundle (three ONNX graphs + manifest.json)")
+    p.add_argument("checkpoint", help="a run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="bundle folder, e.g. engines/NAME")
+    p.add_argument("--name", default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16 adds an fp16 variant beside the fp32 graphs, checked against them")
+    p.set_defaults(handler=export)
+
+    p = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (needs TensorRT and a GPU)")
+    p.add_argument("bundle")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--max-batch", type=int, default=1, help="images per batch the engines must accept")
+    p.add_argument("--ensemble", type=int, default=None, help="largest ensemble size (default: the bundle's)")
+    p.set_defaults(handler=build_engines)
+
+
+def export(args: argparse.Namespace) -> int:
+    from diffiml.export.exporter import export_bundle
+
+    manifest = export_bundle(args.checkpoint, args.out, args.name)
+    if args.precision == "fp16":
+        from diffiml.export.fp16 import add_fp16_variant
+
+        manifest = add_fp16_variant(args.out)
+    print(json.dumps({"bundle": args.out, "graphs": {k: v["sha256"] for k, v in manifest["graphs"].items()},
+                      "checks": manifest["checks"]}))
+    return 0
+
+
+def build_engines(args: argparse.Namespace) -> int:
+    from diffiml.export.tensorrt_build import build_bundle_engines
+
+    entries = build_bundle_engines(args.bundle, args.precision, args.max_batch, args.ensemble)
+    print(json.dumps({"bundle": args.bundle, "engines": entries}))
+    return 0

@@ -1,0 +1,210 @@
+"""TensorRT 10 backend: ``execute_async_v3`` on one non-default CUDA stream, pinned host memory, async copies,
+one activation pool shared by the three engines, and the whole K-step loop captured once as a CUDA graph and
+replayed (dropped and re-captured whenever buffers are reallocated, since a graph holds raw addresses).
+
+Written against the TensorRT 10 Python API and checked statically (mypy + tensorrt-stubs). TensorRT cannot be
+installed on this project's machines, so this module has not run; see README, "What was verified where".
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import numpy as np
+
+from diffiml.runtime.backends.cuda_memory import DeviceBuffer, check, cudart
+from diffiml.runtime.bundle import GRAPH_NAMES, Bundle, verify_file
+from diffiml.runtime.errors import BackendUnavailableError, BundleError
+
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.float32, "INT64": np.int64, "INT32": np.int32}
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import tensorrt
+
+        complete = hasattr(tensorrt, "Builder")
+    except ImportError:
+        complete = False
+    if not complete:  # tensorrt-stubs alone leaves an empty namespace package named tensorrt
+        return "TensorRT is not installed (pip install tensorrt needs NVIDIA's package index)"
+    try:
+        if int(check(cudart().cudaGetDeviceCount())) < 1:
+            return "no CUDA device"
+    except (BackendUnavailableError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def device_identity() -> dict[str, str]:
+    """The GPU and TensorRT version an engine is bound to."""
+    import tensorrt as trt
+
+    props = check(cudart().cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"compute_capability": f"{props.major}.{props.minor}", "device_name": name.strip("\x00"),
+            "tensorrt_version": trt.__version__, "platform": platform.machine()}
+
+
+def select_engines(bundle: Bundle, identity: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The bundle's engine entries for this GPU and TensorRT version, or a BundleError naming both sides."""
+    entries = bundle.manifest.get("engines", [])
+    if not entries:
+        raise BundleError(f"{bundle.root}: no TensorRT engines; build them with `diffiml build-engines`")
+    mine = {e["graph"]: e for e in entries if e["compute_capability"] == identity["compute_capability"]
+            and e["tensorrt_version"] == identity["tensorrt_version"]}
+    if set(mine) != set(GRAPH_NAMES):
+        built = sorted({(e["device_name"], e["compute_capability"], e["tensorrt_version"]) for e in entries})
+        raise BundleError(
+            f"{bundle.root}: engines were built for {built} but this machine has {identity['device_name']} "
+            f"(compute capability {identity['compute_capability']}) with TensorRT {identity['tensorrt_version']}; "
+            "rebuild them here with `diffiml build-engines`")
+    return mine
+
+
+class TrtContext:
+    """Engines of one bundle on one stream, sharing one activation pool."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        import tensorrt as trt
+
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.stream = check(cudart().cudaStreamCreateWithFlags(cudart().cudaStreamNonBlocking))
+        entries = select_engines(bundle, device_identity())
+        self.engines: dict[str, Any] = {}
+        for name, entry in entries.items():
+            path = bundle.root / entry["file"]
+            verify_file(path, entry["sha256"])
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise BundleError(f"{path}: TensorRT could not deserialize this engine")
+            self.engines[name] = engine
+        pool = max(e.device_memory_size_v2 for e in self.engines.values())
+        self.pool = int(check(cudart().cudaMalloc(max(pool, 1))))
+        self.contexts = {}
+        for name, engine in self.engines.items():
+            ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            ctx.set_device_memory(self.pool, engine.device_memory_size_v2)
+            self.contexts[name] = ctx
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.stream))
+
+
+class TrtEngine:
+    """One engine behind the backend interface: host arrays in, host arrays out, buffers kept per shape."""
+
+    def __init__(self, ctx: TrtContext, name: str) -> None:
+        self.ctx, self.name = ctx, name
+        self.engine, self.context = ctx.engines[name], ctx.contexts[name]
+        trt = ctx.trt
+        self.inputs = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)
+                       if self.engine.get_tensor_mode(self.engine.get_tensor_name(i)) == trt.TensorIOMode.INPUT]
+        self.outputs = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)
+                        if self.engine.get_tensor_mode(self.engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
+        self.buffers: dict[str, DeviceBuffer] = {}
+        self.shape_key: tuple | None = None
+
+    def dtype(self, tensor: str) -> np.dtype:
+        return np.dtype(_NP[self.engine.get_tensor_dtype(tensor).name])
+
+    def bind(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Set input shapes and (re)allocate buffers if they changed; True when addresses changed."""
+        key = tuple(shapes[n] for n in self.inputs)
+        if key == self.shape_key:
+            return False
+        for buf in self.buffers.values():
+            buf.free()
+        for name in self.inputs:
+            self.context.set_input_shape(name, shapes[name])
+        self.buffers = {n: DeviceBuffer(shapes[n], self.dtype(n)) for n in self.inputs}
+        for n in self.outputs:
+            self.buffers[n] = DeviceBuffer(tuple(self.context.get_tensor_shape(n)), self.dtype(n))
+        for n, buf in self.buffers.items():
+            self.context.set_tensor_address(n, buf.device)
+        self.shape_key = key
+        return True
+
+    def enqueue(self) -> None:
+        if not self.context.execute_async_v3(int(self.ctx.stream)):
+            raise RuntimeError(f"TensorRT: {self.name} failed to enqueue")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.bind({n: tuple(v.shape) for n, v in feeds.items()})
+        for n, v in feeds.items():
+            self.buffers[n].upload(v.astype(self.buffers[n].dtype, copy=False), self.ctx.stream)
+        self.enqueue()
+        out = {n: self.buffers[n].download(self.ctx.stream) for n in self.outputs}
+        self.ctx.synchronize()
+        return out
+
+
+class TrtStepLoop:
+    """All K UNet steps as one CUDA graph: latents ping-pong between two device buffers, and every per-step input
+    (timestep and coefficients) is precomputed on the device; the loop does no host math and no sync."""
+
+    def __init__(self, unet: TrtEngine) -> None:
+        self.unet = unet
+        self.graph_exec: Any = None
+        self.key: tuple | None = None
+
+    def _prepare(self, latents: np.ndarray, cond: np.ndarray, timesteps: np.ndarray, c0: np.ndarray,
+                 ct: np.ndarray) -> None:
+        rt, stream = cudart(), self.unet.ctx.stream
+        shapes = {"latents": latents.shape, "cond_features": cond.shape, "timestep": (1,), "coef_x0": (1,),
+                  "coef_xt": (1,)}
+        changed = self.unet.bind(shapes)
+        key = (latents.shape, cond.shape, len(timesteps))
+        if not changed and key == self.key and self.graph_exec is not None:
+            return
+        if self.graph_exec is not None:  # a graph holds raw addresses: drop it when buffers move
+            rt.cudaGraphExecDestroy(self.graph_exec)
+            self.graph_exec = None
+        self.table = DeviceBuffer((3, len(timesteps)), np.dtype(np.float32))
+        self.table.upload(np.stack([timesteps, c0, ct]).astype(np.float32), stream)
+        self.pong = DeviceBuffer(latents.shape, np.dtype(np.float32))
+        self.key = key
+        self._enqueue_loop(len(timesteps))  # warm-up run outside capture: TensorRT's first launch may allocate
+        check(rt.cudaStreamSynchronize(stream))
+        check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        self._enqueue_loop(len(timesteps))
+        graph = check(rt.cudaStreamEndCapture(stream))
+        self.graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
+        rt.cudaGraphDestroy(graph)
+
+    def _enqueue_loop(self, k: int) -> None:
+        ctx, bufs = self.unet.context, self.unet.buffers
+        ping, pong = bufs["latents"].device, self.pong.device
+        for i in range(k):
+            src, dst = (ping, pong) if i % 2 == 0 else (pong, ping)
+            ctx.set_tensor_address("latents", src)
+            ctx.set_tensor_address("next_latents", dst)
+            ctx.set_tensor_address("timestep", self.table.device + 4 * i)
+            ctx.set_tensor_address("coef_x0", self.table.device + 4 * (k + i))
+            ctx.set_tensor_address("coef_xt", self.table.device + 4 * (2 * k + i))
+            self.unet.enqueue()
+
+    def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
+                 coef_x0: np.ndarray, coef_xt: np.ndarray) -> np.ndarray:
+        stream = self.unet.ctx.stream
+        self._prepare(latents, cond_features, timesteps, coef_x0, coef_xt)
+        self.unet.buffers["latents"].upload(latents, stream)
+        self.unet.buffers["cond_features"].upload(cond_features, stream)
+        check(cudart().cudaGraphLaunch(self.graph_exec, stream))
+        final = self.unet.buffers["latents"] if len(timesteps) % 2 == 0 else self.pong
+        out = final.download(stream)
+        self.unet.ctx.synchronize()
+        return np.array(out, copy=True)
+
+
+def open_engines(bundle: Bundle) -> tuple[dict[str, TrtEngine], TrtStepLoop]:
+    ctx = TrtContext(bundle)
+    engines = {name: TrtEngine(ctx, name) for name in GRAPH_NAMES}
+    return engines, TrtStepLoop(engines["unet"])

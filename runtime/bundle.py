@@ -1,0 +1,141 @@
+"""The engine bundle: the one contract between export and runtime (documented in ``engines/README.md``).
+
+A folder with ``manifest.json`` and the graph files it lists. ``load_bundle`` validates the manifest and the sha256
+of every file before anything is handed to an inference engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffiml.runtime.errors import BundleError
+from diffiml.schedule import DdimPlan
+
+FORMAT_VERSION = 1
+GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
+_REQUIRED = ("format_version", "name", "model", "input", "latent", "sampling", "graphs", "opset", "producer",
+             "checkpoint")
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    name: str
+    path: Path
+    sha256: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t["name"] for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t["name"] for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["input"]["size"][0])
+
+    @property
+    def mean(self) -> list[float]:
+        return list(self.manifest["input"]["mean"])
+
+    @property
+    def std(self) -> list[float]:
+        return list(self.manifest["input"]["std"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        lat = self.manifest["latent"]
+        return int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1])
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.manifest["sampling"]["default_steps"])
+
+    @property
+    def default_ensemble(self) -> int:
+        return int(self.manifest["sampling"]["default_ensemble"])
+
+    def plan(self, steps: int) -> DdimPlan:
+        schedules = self.manifest["sampling"]["schedules"]
+        if str(steps) not in schedules:
+            raise BundleError(f"{self.root}: no schedule for {steps} steps in the manifest "
+                              f"(available: {sorted(int(k) for k in schedules)}); re-export with --steps")
+        return DdimPlan.from_json(schedules[str(steps)])
+
+    def graph(self, name: str, precision: str = "fp32") -> GraphEntry:
+        graphs = self.manifest["graphs"] if precision == "fp32" else self.manifest.get("variants", {}).get(precision)
+        if not graphs or name not in graphs:
+            raise BundleError(f"{self.root}: the manifest has no {precision} {name} graph")
+        g = graphs[name]
+        return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"])
+
+    def checkpoint_path(self) -> Path:
+        return (self.root / self.manifest["checkpoint"]["path"]).resolve()
+
+
+def verify_file(path: Path, expected_sha256: str) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path}: listed in the manifest but missing; re-export the bundle")
+    actual = sha256_of(path)
+    if actual != expected_sha256:
+        raise BundleError(f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected_sha256[:12]}…; "
+                          "the file is corrupted or was replaced — re-export the bundle")
+
+
+def validate_manifest(manifest: Any, where: Path) -> None:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: manifest.json is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{where}: unknown bundle format_version {version!r}; this diffiml reads version "
+                          f"{FORMAT_VERSION} — re-export the bundle with this version")
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{where}: manifest.json lacks {', '.join(missing)}")
+    for name in GRAPH_NAMES:
+        g = manifest["graphs"].get(name)
+        if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(g):
+            raise BundleError(f"{where}: manifest.json has no complete entry for graph {name!r}")
+    schedules = manifest["sampling"].get("schedules", {})
+    if str(manifest["sampling"].get("default_steps")) not in schedules:
+        raise BundleError(f"{where}: manifest.json has no schedule for its default step count")
+
+
+def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    """Read and validate ``root/manifest.json``; with ``verify``, check every fp32 graph's sha256."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{root}: not an engine bundle (no manifest.json); create one with `diffiml export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc})") from exc
+    validate_manifest(manifest, path)
+    bundle = Bundle(root, manifest)
+    if verify:
+        for name in GRAPH_NAMES:
+            g = bundle.graph(name)
+            verify_file(g.path, g.sha256)
+    return bundle

@@ -1,0 +1,136 @@
+"""Image decoding and pre/post-processing for the runtime: numpy + OpenCV only.
+
+Any input becomes (H, W, 3) uint8 RGB at its original size: a path, bytes, or an array (gray, RGB, RGBA;
+uint8 or uint16). OpenCV applies the EXIF orientation when decoding and converts CMYK JPEGs to BGR.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffiml.runtime.errors import ImageDecodeError
+
+# Documented limit: inputs beyond this many pixels are refused before decoding (a decompression-bomb guard).
+MAX_PIXELS = 25_000 * 25_000
+MAX_BYTES = 1 << 30
+ImageInput = str | os.PathLike | bytes | np.ndarray
+
+
+def _header_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, without decoding the pixels."""
+    raw = data[:1 << 16].tobytes()
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24:
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(raw):
+            if raw[i] != 0xFF:
+                return None
+            marker, length = raw[i + 1], int.from_bytes(raw[i + 2 : i + 4], "big")
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3):
+                return int.from_bytes(raw[i + 7 : i + 9], "big"), int.from_bytes(raw[i + 5 : i + 7], "big")
+            i += 2 + length
+    return None
+
+
+def to_rgb8(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Gray / RGB / RGBA, uint8 / uint16 / float in [0, 1] -> (H, W, 3) uint8 RGB."""
+    a = np.asarray(array)
+    if a.size == 0 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        raise ImageDecodeError(f"{name}: expected an HxW or HxWxC (C = 1, 3, 4) image, got shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)
+    elif a.dtype.kind == "f":
+        a = (np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageDecodeError(f"{name}: unsupported pixel type {a.dtype}; use uint8, uint16 or float")
+    if a.ndim == 2 or a.shape[2] == 1:
+        return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+    return np.ascontiguousarray(a[..., :3])
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: np.ndarray  # (h, w, 3) uint8; h, w may be a power-of-two reduction of the original for huge inputs
+    height: int  # original size, after EXIF orientation
+    width: int
+
+
+def _png_is_plain_rgb8(data: np.ndarray) -> bool:
+    raw = data[:32].tobytes()
+    return raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[24] == 8 and raw[25] == 2
+
+
+def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImage:
+    """Decode at the original size, or raise ImageDecodeError naming the input.
+
+    With ``model_size``, a JPEG or plain 8-bit PNG much larger than the model is decoded at 1/2, 1/4 or 1/8 of its
+    size (libjpeg's DCT scaling for JPEG), so a 20000x20000 input never holds its full-size pixels in memory.
+    """
+    if isinstance(source, np.ndarray):
+        rgb = to_rgb8(source)
+        return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
+    if isinstance(source, bytes | bytearray):
+        name, data = "<bytes>", np.frombuffer(bytes(source), np.uint8)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ImageDecodeError(f"{name}: no such file")
+        if path.stat().st_size > MAX_BYTES:
+            raise ImageDecodeError(f"{name}: file larger than {MAX_BYTES >> 20} MiB")
+        data = np.fromfile(name, np.uint8)
+    if data.size == 0:
+        raise ImageDecodeError(f"{name}: empty file")
+    size = _header_size(data)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
+    is_jpeg = data[:2].tobytes() == b"\xff\xd8"
+    if is_jpeg or _png_is_plain_rgb8(data):
+        # 8-bit color: IMREAD_COLOR applies the EXIF orientation and turns CMYK JPEGs into BGR.
+        reduce = 1
+        if size is not None and model_size:
+            while reduce < 8 and min(size) // (2 * reduce) >= 2 * model_size:
+                reduce *= 2
+        flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+        decoded = cv2.imdecode(data, flag)
+        if decoded is None:
+            raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
+        rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+        del decoded
+        if reduce == 1:
+            return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
+        # An EXIF rotation swaps the header's width and height; follow the decoded aspect.
+        w, h = size if (rgb.shape[1] >= rgb.shape[0]) == (size[0] >= size[1]) else size[::-1]
+        return DecodedImage(rgb, h, w)
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+    if decoded is None:
+        raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
+    if decoded.ndim == 3 and decoded.shape[2] >= 3:
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA if decoded.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    rgb = to_rgb8(decoded, name)
+    return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
+
+
+def preprocess(images: list[np.ndarray], size: int, mean: list[float], std: list[float]) -> np.ndarray:
+    """RGB uint8 images of any size -> (B, 3, size, size) float32, ImageNet-normalized (area resize, as in
+    training). A 20000x20000 input is downscaled here, so the model never sees more than size x size."""
+    out = np.empty((len(images), 3, size, size), np.float32)
+    scale = np.float32(1 / 255)
+    m = np.asarray(mean, np.float32)[:, None, None]
+    s = np.asarray(std, np.float32)[:, None, None]
+    for i, img in enumerate(images):
+        small = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        out[i] = (small.transpose(2, 0, 1).astype(np.float32) * scale - m) / s
+    return out
+
+
+def resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(S, S) float32 -> (height, width) float32, bilinear: the mask comes back at the input's original size."""
+    return cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR)

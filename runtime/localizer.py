@@ -1,0 +1,173 @@
+"""``Localizer``: the library entry point. Torch-free: numpy, OpenCV and an inference engine.
+
+Execution plan per batch of images: the encoder graph once per image (condition features, including the UNet's
+condition-only conv); the UNet-step graph K times on one batch of images x ensemble members (with flip TTA the
+flipped copies are extra images with their own noise); the decoder once per image on the averaged latent, and on
+each member only when uncertainty is asked for.
+
+Thread safety: one Localizer may be shared by threads. Decoding, resizing and post-processing run in the
+calling thread, in parallel; the engine calls (which reuse preallocated buffers) run under one lock per Localizer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from diffiml.runtime.backends.base import Engine
+from diffiml.runtime.bundle import Bundle, load_bundle
+from diffiml.runtime.errors import BackendUnavailableError
+from diffiml.runtime.image_io import DecodedImage, ImageInput, load_image, preprocess, resize_probability
+from diffiml.schedule import ensemble_noise
+
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
+SCORE_TOP_FRACTION = 0.005
+
+
+@dataclass
+class LocalizationResult:
+    """Maps are computed at the input's original size on first access, from the model-resolution maps, so a
+    huge input costs memory only for what is asked for."""
+
+    model_probability: np.ndarray  # (S, S) float32
+    model_uncertainty: np.ndarray | None  # (S, S) float32, std of the members' probabilities
+    height: int
+    width: int
+    score: float  # image-level: mean of the top 0.5 % pixel probabilities (a max that one pixel cannot set)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def probability(self) -> np.ndarray:
+        """(H, W) float32 in [0, 1] at the original size."""
+        return resize_probability(self.model_probability, self.height, self.width)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool: probability >= 0.5 (the paper's fixed threshold)."""
+        return self.probability >= 0.5
+
+    @cached_property
+    def uncertainty(self) -> np.ndarray | None:
+        """(H, W) float32: per-pixel spread (std) of the ensemble members' probabilities, if asked for."""
+        if self.model_uncertainty is None:
+            return None
+        return resize_probability(self.model_uncertainty, self.height, self.width)
+
+    @property
+    def manipulated_fraction(self) -> float:
+        return float((self.model_probability >= 0.5).mean())
+
+
+def _engines(bundle: Bundle, backend: str, threads: int | None) -> tuple[dict[str, Engine], object | None, str]:
+    """(engines by graph name, an optional device step loop, the backend actually chosen)."""
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ("auto", "tensorrt"):
+        from diffiml.runtime.backends import tensorrt_backend
+
+        if tensorrt_backend.available():
+            engines, loop = tensorrt_backend.open_engines(bundle)
+            return engines, loop, "tensorrt"
+        if backend == "tensorrt":
+            raise BackendUnavailableError(f"tensorrt: {tensorrt_backend.unavailable_reason()}")
+    from diffiml.runtime.backends.ort_backend import OrtCudaStepLoop, OrtEngine, cuda_available
+
+    device = "cuda" if backend == "ort-cuda" or (backend == "auto" and cuda_available()) else "cpu"
+    engines = {name: OrtEngine(bundle.graph(name), device, threads)
+               for name in ("condition_encoder", "unet", "mask_decoder")}
+    loop = OrtCudaStepLoop(engines["unet"]) if device == "cuda" else None
+    return engines, loop, f"ort-{device}"
+
+
+class Localizer:
+    def __init__(self, bundle: Bundle, engines: dict[str, Engine], step_loop: object | None, backend: str,
+                 steps: int, ensemble: int, tta: bool, seed: int, uncertainty: bool) -> None:
+        if ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+        self.bundle, self.engines, self.backend = bundle, engines, backend
+        self.step_loop = step_loop
+        self.steps, self.ensemble, self.tta, self.seed, self.uncertainty = steps, ensemble, tta, seed, uncertainty
+        self.plan = bundle.plan(steps)
+        self._timesteps = self.plan.timesteps.astype(np.float32)
+        draws = ensemble * (2 if tta else 1)
+        self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None, ensemble: int | None = None,
+             tta: bool = False, seed: int = 0, uncertainty: bool = False, threads: int | None = None) -> Localizer:
+        """Load and verify a bundle (sha256 of every graph) and its engines for ``backend``."""
+        bundle = load_bundle(bundle_dir)
+        engines, loop, chosen = _engines(bundle, backend, threads)
+        return Localizer(bundle, engines, loop, chosen, steps or bundle.default_steps,
+                         ensemble or bundle.default_ensemble, tta, seed, uncertainty)
+
+    def localize(self, image: ImageInput | DecodedImage) -> LocalizationResult:
+        return self.localize_batch([image])[0]
+
+    def localize_batch(self, images: Sequence[ImageInput | DecodedImage]) -> list[LocalizationResult]:
+        t0 = time.perf_counter()
+        size = self.bundle.image_size
+        decoded = [im if isinstance(im, DecodedImage) else load_image(im, size) for im in images]
+        t1 = time.perf_counter()
+        x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std)
+        t2 = time.perf_counter()
+        prob, unc, stage = self._infer(x)
+        t3 = time.perf_counter()
+        results = []
+        for i, d in enumerate(decoded):
+            p = prob[i]
+            k = max(1, int(p.size * SCORE_TOP_FRACTION))
+            score = float(np.partition(p.ravel(), p.size - k)[-k:].mean())
+            results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, score))
+        per_image = 1000.0 / len(images)
+        for r in results:
+            r.timings_ms = {"decode": (t1 - t0) * per_image, "preprocess": (t2 - t1) * per_image,
+                            **{k: v * per_image for k, v in stage.items()},
+                            "postprocess": (time.perf_counter() - t3) * per_image}
+        return results
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+        """x (B, 3, S, S) -> probability (B, S, S), uncertainty (B, S, S) or None, stage seconds."""
+        b, n = x.shape[0], self.ensemble
+        views = np.concatenate([x, x[..., ::-1]]) if self.tta else x  # flipped copies are extra "images"
+        v = views.shape[0]
+        # Image i of the first B uses noise draws [0, N); its flipped copy uses [N, 2N).
+        blocks = self._noise.reshape(-1, n, *self._noise.shape[1:])
+        latents = np.ascontiguousarray(blocks[np.arange(v) // b].reshape(v * n, *self._noise.shape[1:]))
+        with self._lock:
+            t0 = time.perf_counter()
+            cond = self.engines["condition_encoder"].run({"image": np.ascontiguousarray(views)})["cond_features"]
+            t1 = time.perf_counter()
+            z = self._denoise(latents, cond)
+            t2 = time.perf_counter()
+            members = z.reshape(v, n, *z.shape[1:])
+            decoder = self.engines["mask_decoder"]
+            prob = decoder.run({"latents": np.ascontiguousarray(members.mean(axis=1))})["probability"][:, 0].copy()
+            unc = None
+            if self.uncertainty:
+                member_prob = decoder.run({"latents": z})["probability"].reshape(v, n, *prob.shape[1:])
+                unc = member_prob.std(axis=1)
+            t3 = time.perf_counter()
+        if self.tta:  # flip back, merge by pixel-wise max (the authors' TTA)
+            prob = np.maximum(prob[:b], prob[b:, :, ::-1])
+            unc = None if unc is None else np.maximum(unc[:b], unc[b:, :, ::-1])
+        return prob, unc, {"encoder": t1 - t0, "unet_steps": t2 - t1, "decoder": t3 - t2}
+
+    def _denoise(self, latents: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        p = self.plan
+        if self.step_loop is not None:
+            return self.step_loop(latents, cond, self._timesteps, p.coef_x0, p.coef_xt)  # type: ignore[operator]
+        unet = self.engines["unet"]
+        z = latents
+        for k in range(len(self._timesteps)):
+            z = unet.run({"latents": z, "cond_features": cond, "timestep": self._timesteps[k : k + 1],
+                          "coef_x0": p.coef_x0[k : k + 1], "coef_xt": p.coef_xt[k : k + 1]})["next_latents"]
+            z = z.copy() if k + 1 < len(self._timesteps) else z  # the engine reuses its output buffer
+        return np.array(z, copy=True)

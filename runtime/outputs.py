@@ -1,0 +1,51 @@
+"""Writing a localization to disk: mask, 16-bit probability, overlay and uncertainty PNGs, each written to a
+temporary name and renamed, so an interrupted run never leaves a half-written file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffiml.runtime.localizer import LocalizationResult
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        if not cv2.imwrite(str(tmp), array):
+            raise OSError(f"{path}: could not be written")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def heat_overlay(rgb: np.ndarray, probability: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """BGR uint8: the image with a JET heatmap of the probability blended in where it is high."""
+    prob = cv2.resize(probability, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap((prob * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    weight = (alpha * prob)[..., None]
+    return (rgb[..., ::-1] * (1 - weight) + heat * weight).astype(np.uint8)
+
+
+def write_outputs(result: LocalizationResult, rgb: np.ndarray, out_dir: Path, stem: str) -> dict[str, str]:
+    """Write ``<stem>_mask.png``, ``<stem>_prob.png`` (16-bit), ``<stem>_overlay.png`` (at the decoded size)
+    and, when computed, ``<stem>_uncertainty.png`` (16-bit); returns their paths by kind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    h, w = result.height, result.width
+    # Resize as uint16: half the memory of float32 for very large inputs.
+    prob16 = cv2.resize((result.model_probability * 65535 + 0.5).astype(np.uint16), (w, h),
+                        interpolation=cv2.INTER_LINEAR)
+    paths = {"prob": write_png(out_dir / f"{stem}_prob.png", prob16)}
+    paths["mask"] = write_png(out_dir / f"{stem}_mask.png", ((prob16 >= 32768) * np.uint8(255)).astype(np.uint8))
+    del prob16
+    paths["overlay"] = write_png(out_dir / f"{stem}_overlay.png", heat_overlay(rgb, result.model_probability))
+    if result.model_uncertainty is not None:
+        # std of values in [0, 1] is at most 0.5: scale by 2 so the PNG uses its full range.
+        unc16 = cv2.resize((np.clip(result.model_uncertainty * 2, 0, 1) * 65535 + 0.5).astype(np.uint16), (w, h),
+                           interpolation=cv2.INTER_LINEAR)
+        paths["uncertainty"] = write_png(out_dir / f"{stem}_uncertainty.png", unc16)
+    return {k: str(v) for k, v in paths.items()}
