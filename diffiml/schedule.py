@@ -2,8 +2,9 @@
 
 Follows diffusers' ``DDIMScheduler`` with the settings the authors use (linear betas, ``set_alpha_to_one=True``,
 ``timestep_spacing="leading"``, ``steps_offset=0``, ``clip_sample=True``, eta = 0, ``prediction_type="sample"``).
-With sigma = 0 one step is affine in (z0_hat, z_t), so each step reduces to two coefficients:
-``z_prev = coef_x0 * clip(z0_hat) + coef_xt * z_t``.
+With sigma = 0 one step is, as in diffusers (which derives epsilon from the *unclipped* prediction):
+``z_prev = coef_x0 * clip(z0_hat) + coef_xt * (z_t - sqrt_alpha * z0_hat)``
+with ``coef_x0 = sqrt(a_prev)``, ``coef_xt = sqrt(1 - a_prev) / sqrt(1 - a_t)``, ``sqrt_alpha = sqrt(a_t)``.
 """
 
 from __future__ import annotations
@@ -31,26 +32,30 @@ def respaced_timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEP
 
 @dataclass(frozen=True)
 class DdimPlan:
-    """Everything a sampler needs for K steps: timesteps and the two coefficients of each step."""
+    """Everything a sampler needs for K steps: timesteps and the three coefficients of each step."""
 
     timesteps: np.ndarray  # (K,) int64
     coef_x0: np.ndarray  # (K,) float32
     coef_xt: np.ndarray  # (K,) float32
+    sqrt_alpha: np.ndarray  # (K,) float32
 
     def to_json(self) -> dict:
         return {
             "timesteps": [int(t) for t in self.timesteps],
-            "coef_x0": [float(c) for c in self.coef_x0],
-            "coef_xt": [float(c) for c in self.coef_xt],
+            **{k: [float(c) for c in getattr(self, k)] for k in ("coef_x0", "coef_xt", "sqrt_alpha")},
         }
 
     @staticmethod
     def from_json(data: dict) -> DdimPlan:
         return DdimPlan(
             np.asarray(data["timesteps"], dtype=np.int64),
-            np.asarray(data["coef_x0"], dtype=np.float32),
-            np.asarray(data["coef_xt"], dtype=np.float32),
+            *(np.asarray(data[k], dtype=np.float32) for k in ("coef_x0", "coef_xt", "sqrt_alpha")),
         )
+
+    def steps(self) -> list[tuple[int, float, float, float]]:
+        """(timestep, coef_x0, coef_xt, sqrt_alpha) per step."""
+        return list(zip(self.timesteps.tolist(), self.coef_x0.tolist(), self.coef_xt.tolist(),
+                        self.sqrt_alpha.tolist(), strict=True))
 
 
 def ddim_plan(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DdimPlan:
@@ -61,14 +66,15 @@ def ddim_plan(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Ddi
     prev = timesteps - ratio
     a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, None)], 1.0)  # set_alpha_to_one=True
     coef_xt = np.sqrt(1.0 - a_prev) / np.sqrt(1.0 - a_t)
-    coef_x0 = np.sqrt(a_prev) - coef_xt * np.sqrt(a_t)
-    return DdimPlan(timesteps, coef_x0.astype(np.float32), coef_xt.astype(np.float32))
+    f32 = np.float32
+    return DdimPlan(timesteps, np.sqrt(a_prev).astype(f32), coef_xt.astype(f32), np.sqrt(a_t).astype(f32))
 
 
-def ddim_step(z0_hat: np.ndarray, z_t: np.ndarray, coef_x0: float, coef_xt: float) -> np.ndarray:
+def ddim_step(z0_hat: np.ndarray, z_t: np.ndarray, coef_x0: float, coef_xt: float, sqrt_alpha: float
+              ) -> np.ndarray:
     """One deterministic DDIM update (eta = 0) for a model that predicts z0."""
     z0 = np.clip(z0_hat, -CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE)
-    return (coef_x0 * z0 + coef_xt * z_t).astype(z_t.dtype, copy=False)
+    return (coef_x0 * z0 + coef_xt * (z_t - sqrt_alpha * z0_hat)).astype(z_t.dtype, copy=False)
 
 
 def ensemble_noise(seed: int, members: int, shape: tuple[int, ...]) -> np.ndarray:

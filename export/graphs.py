@@ -29,17 +29,18 @@ class ConditionEncoderGraph(nn.Module):
 
 
 class UNetStepGraph(nn.Module):
-    """One DDIM step (eta = 0): latents (B·N, 8, h, w), cond_features (B, C, h, w), timestep (1,), coef_x0 (1,),
-    coef_xt (1,) -> next latents (B·N, 8, h, w). The runtime's loop is then engine calls only."""
+    """One DDIM step (eta = 0): latents (B·N, 8, h, w), cond_features (B, C, h, w), timestep, coef_x0, coef_xt,
+    sqrt_alpha (each (1,)) -> next latents (B·N, 8, h, w). The runtime's loop is then engine calls only.
+    The update is ``diffiml.schedule.ddim_step``."""
 
     def __init__(self, model: DiffIML) -> None:
         super().__init__()
         self.unet = model.unet
 
     def forward(self, latents: torch.Tensor, cond_features: torch.Tensor, timestep: torch.Tensor,
-                coef_x0: torch.Tensor, coef_xt: torch.Tensor) -> torch.Tensor:
-        z0 = self.unet(latents, timestep, cond_features).clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE)
-        return coef_x0 * z0 + coef_xt * latents
+                coef_x0: torch.Tensor, coef_xt: torch.Tensor, sqrt_alpha: torch.Tensor) -> torch.Tensor:
+        z0 = self.unet(latents, timestep, cond_features)
+        return coef_x0 * z0.clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE) + coef_xt * (latents - sqrt_alpha * z0)
 
 
 class MaskDecoderGraph(nn.Module):
@@ -79,7 +80,7 @@ class GraphSpec:
             shape = spec.concrete(sizes)
             if spec.name == "timestep":
                 out[spec.name] = torch.randint(0, 1000, shape, generator=g).float()
-            elif spec.name.startswith("coef"):
+            elif spec.name in ("coef_x0", "coef_xt", "sqrt_alpha"):
                 out[spec.name] = torch.rand(shape, generator=g)
             else:
                 out[spec.name] = torch.randn(shape, generator=g)
@@ -90,6 +91,15 @@ class GraphSpec:
 
 
 def graph_specs(model: DiffIML) -> dict[str, tuple[GraphSpec, nn.Module]]:
+    """The three graphs of ``model``. Wrappers come back in eval mode: the exporter restores a module's mode after
+    tracing, recursively, so a wrapper left in train mode would switch the model's BatchNorms to batch statistics."""
+    specs = _graph_specs(model)
+    for _, module in specs.values():
+        module.eval()
+    return specs
+
+
+def _graph_specs(model: DiffIML) -> dict[str, tuple[GraphSpec, nn.Module]]:
     cfg = model.config
     s, h, c = cfg.image_size, cfg.latent_size, cfg.unet_channels
     z = 2 * LATENT_CHANNELS
@@ -106,6 +116,7 @@ def graph_specs(model: DiffIML) -> dict[str, tuple[GraphSpec, nn.Module]]:
                 TensorSpec("timestep", (1,)),
                 TensorSpec("coef_x0", (1,)),
                 TensorSpec("coef_xt", (1,)),
+                TensorSpec("sqrt_alpha", (1,)),
             ), (TensorSpec("next_latents", ("members", z, h, h)),)),
             UNetStepGraph(model),
         ),

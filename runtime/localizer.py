@@ -163,11 +163,13 @@ class Localizer:
     def _denoise(self, latents: np.ndarray, cond: np.ndarray) -> np.ndarray:
         p = self.plan
         if self.step_loop is not None:
-            return self.step_loop(latents, cond, self._timesteps, p.coef_x0, p.coef_xt)  # type: ignore[operator]
+            return self.step_loop(  # type: ignore[operator]
+                latents, cond, self._timesteps, p.coef_x0, p.coef_xt, p.sqrt_alpha)
         unet = self.engines["unet"]
         z = latents
         for k in range(len(self._timesteps)):
             z = unet.run({"latents": z, "cond_features": cond, "timestep": self._timesteps[k : k + 1],
-                          "coef_x0": p.coef_x0[k : k + 1], "coef_xt": p.coef_xt[k : k + 1]})["next_latents"]
+                          "coef_x0": p.coef_x0[k : k + 1], "coef_xt": p.coef_xt[k : k + 1],
+                          "sqrt_alpha": p.sqrt_alpha[k : k + 1]})["next_latents"]
             z = z.copy() if k + 1 < len(self._timesteps) else z  # the engine reuses its output buffer
         return np.array(z, copy=True)

@@ -32,3 +32,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic_set: Path) -> P
     assert main(["train-vae", *common, "--out", str(root / "vae")]) == 0
     assert main(["train", *common, "--out", str(root / "diffiml"), "--vae", str(root / "vae")]) == 0
     return root / "diffiml"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    from diffiml.export.exporter import export_bundle
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export_bundle(tiny_run, out)
+    return out

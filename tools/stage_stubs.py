@@ -13,7 +13,6 @@ import sysconfig
 from pathlib import Path
 
 
-
 def mend_defaults(line: str) -> str:
     """In a one-line ``def``, give every parameter after the first defaulted one a default."""
     m = re.match(r"(\s*def \w+\()(.*)(\) ->.*)", line)

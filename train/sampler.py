@@ -30,10 +30,10 @@ def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int
     plan = ddim_plan(steps)
     cond = model.unet.condition_features(model.encoder(image))  # once per image, broadcast in the UNet
     z = noise.to(image.device).repeat(b, 1, 1, 1)
-    for t, c_x0, c_xt in zip(plan.timesteps, plan.coef_x0, plan.coef_xt, strict=True):
-        timestep = torch.full((b * n,), int(t), dtype=torch.int64, device=image.device)
-        z0 = model.unet(z, timestep, cond).clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE)
-        z = float(c_x0) * z0 + float(c_xt) * z
+    for t, c_x0, c_xt, sqrt_alpha in plan.steps():
+        timestep = torch.full((b * n,), t, dtype=torch.int64, device=image.device)
+        z0 = model.unet(z, timestep, cond)
+        z = c_x0 * z0.clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE) + c_xt * (z - sqrt_alpha * z0)
     return z.view(b, n, *z.shape[1:])
 
 

@@ -134,7 +134,9 @@ def train(model: nn.Module, dataset: Any, run_dir: str | Path, config: dict[str,
     for step, batch in enumerate(loader, start=start):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(options.lr, step, options.steps)
-        generator = torch.Generator(device=device).manual_seed(options.seed * 1_000_003 + step * world + rank)
+        step_seed = options.seed * 1_000_003 + step * world + rank
+        generator = torch.Generator(device=device).manual_seed(step_seed)
+        torch.manual_seed(step_seed)  # what draws from the global RNG (Segformer's stochastic depth) too
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = objective(batch, generator)
         optimizer.zero_grad(set_to_none=True)

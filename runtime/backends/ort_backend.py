@@ -106,7 +106,7 @@ class OrtCudaStepLoop:
         self._key: tuple | None = None
 
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
-                 coef_x0: np.ndarray, coef_xt: np.ndarray) -> np.ndarray:
+                 coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         ort = ort_module()
         key = (latents.shape, cond_features.shape)
         if key != self._key:
@@ -126,6 +126,7 @@ class OrtCudaStepLoop:
             b.bind_cpu_input("timestep", timesteps[k : k + 1].astype(np.float32))
             b.bind_cpu_input("coef_x0", coef_x0[k : k + 1])
             b.bind_cpu_input("coef_xt", coef_xt[k : k + 1])
+            b.bind_cpu_input("sqrt_alpha", sqrt_alpha[k : k + 1])
             b.bind_ortvalue_output("next_latents", dst)
             self.engine.session.run_with_iobinding(b)
         return self._buffers[len(timesteps) % 2].numpy()

@@ -156,10 +156,10 @@ class TrtStepLoop:
         self.key: tuple | None = None
 
     def _prepare(self, latents: np.ndarray, cond: np.ndarray, timesteps: np.ndarray, c0: np.ndarray,
-                 ct: np.ndarray) -> None:
+                 ct: np.ndarray, sa: np.ndarray) -> None:
         rt, stream = cudart(), self.unet.ctx.stream
         shapes = {"latents": latents.shape, "cond_features": cond.shape, "timestep": (1,), "coef_x0": (1,),
-                  "coef_xt": (1,)}
+                  "coef_xt": (1,), "sqrt_alpha": (1,)}
         changed = self.unet.bind(shapes)
         key = (latents.shape, cond.shape, len(timesteps))
         if not changed and key == self.key and self.graph_exec is not None:
@@ -167,8 +167,8 @@ class TrtStepLoop:
         if self.graph_exec is not None:  # a graph holds raw addresses: drop it when buffers move
             rt.cudaGraphExecDestroy(self.graph_exec)
             self.graph_exec = None
-        self.table = DeviceBuffer((3, len(timesteps)), np.dtype(np.float32))
-        self.table.upload(np.stack([timesteps, c0, ct]).astype(np.float32), stream)
+        self.table = DeviceBuffer((4, len(timesteps)), np.dtype(np.float32))
+        self.table.upload(np.stack([timesteps, c0, ct, sa]).astype(np.float32), stream)
         self.pong = DeviceBuffer(latents.shape, np.dtype(np.float32))
         self.key = key
         self._enqueue_loop(len(timesteps))  # warm-up run outside capture: TensorRT's first launch may allocate
@@ -189,12 +189,13 @@ class TrtStepLoop:
             ctx.set_tensor_address("timestep", self.table.device + 4 * i)
             ctx.set_tensor_address("coef_x0", self.table.device + 4 * (k + i))
             ctx.set_tensor_address("coef_xt", self.table.device + 4 * (2 * k + i))
+            ctx.set_tensor_address("sqrt_alpha", self.table.device + 4 * (3 * k + i))
             self.unet.enqueue()
 
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
-                 coef_x0: np.ndarray, coef_xt: np.ndarray) -> np.ndarray:
+                 coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         stream = self.unet.ctx.stream
-        self._prepare(latents, cond_features, timesteps, coef_x0, coef_xt)
+        self._prepare(latents, cond_features, timesteps, coef_x0, coef_xt, sqrt_alpha)
         self.unet.buffers["latents"].upload(latents, stream)
         self.unet.buffers["cond_features"].upload(cond_features, stream)
         check(cudart().cudaGraphLaunch(self.graph_exec, stream))

@@ -1,0 +1,124 @@
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from diffiml.export.exporter import ExportError, check_against_torch, export_bundle, load_diffiml
+from diffiml.export.graphs import graph_specs
+from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle
+from diffiml.runtime.errors import BundleError
+from diffiml.train.checkpoint import save_checkpoint
+from diffiml.train.config import get_config
+from diffiml.train.model import DiffIML
+from diffiml.train.sampler import sample
+
+
+def test_manifest_describes_every_graph(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["opset"] >= 17
+    assert manifest["sampling"]["schedules"]["8"]["timesteps"] == [875, 750, 625, 500, 375, 250, 125, 0]
+    unet = manifest["graphs"]["unet"]
+    names = [t["name"] for t in unet["inputs"]]
+    assert names == ["latents", "cond_features", "timestep", "coef_x0", "coef_xt", "sqrt_alpha"]
+    assert unet["inputs"][0]["shape"][0] == "members" and unet["inputs"][1]["shape"][0] == "images"
+    assert all(v <= 1e-4 for v in manifest["checks"]["fp32_max_abs_error_vs_torch"].values())
+    assert len(manifest["checkpoint"]["sha256"]) == 64 and not manifest["checkpoint"]["path"].startswith("/")
+
+
+def test_graphs_match_torch_at_two_batch_sizes_random_weights():
+    torch.manual_seed(0)
+    model = DiffIML(get_config("tiny")).eval()
+    for name, (spec, module) in graph_specs(model).items():
+        from diffiml.export.exporter import _export_one
+
+        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2})
+        err = check_against_torch(spec, module, data, [{"images": 1, "members": 1, "latents": 1},
+                                                       {"images": 3, "members": 6, "latents": 3}])
+        assert err <= 1e-4, name
+
+
+def test_a_graph_that_drifts_from_torch_fails_the_export():
+    torch.manual_seed(0)
+    model = DiffIML(get_config("tiny")).eval()
+    spec, module = graph_specs(model)["mask_decoder"]
+    from diffiml.export.exporter import _export_one
+
+    data = _export_one(spec, module, {"latents": 2})
+    with torch.no_grad():
+        model.vae.decoder[-1].bias += 1.0  # torch changes after export: the check must catch it
+    with pytest.raises(ExportError, match="max \\|diff\\|"):
+        check_against_torch(spec, module, data, [{"latents": 1}])
+
+
+def test_bundle_matches_reference_sampler_end_to_end(tiny_bundle, tiny_run):
+    """Plain onnxruntime over the three graphs, same noise, against the PyTorch reference."""
+    bundle = load_bundle(tiny_bundle)
+    model, _ = load_diffiml(tiny_run)
+    sessions = {n: ort.InferenceSession(str(bundle.graph(n).path)) for n in ("condition_encoder", "unet",
+                                                                              "mask_decoder")}
+    image = torch.randn(2, 3, 64, 64)
+    steps, n = 4, 3
+    ref = sample(model, image, steps=steps, ensemble=n, seed=11).probability.numpy()
+    from diffiml.schedule import ensemble_noise
+
+    noise = ensemble_noise(11, n, bundle.latent_shape)
+    cond = sessions["condition_encoder"].run(None, {"image": image.numpy()})[0]
+    z = np.concatenate([noise, noise])
+    plan = bundle.plan(steps)
+    for t, c0, ct, sa in plan.steps():
+        z = sessions["unet"].run(None, {"latents": z, "cond_features": cond, "timestep": np.array([t], np.float32),
+                                        **{k: np.array([v], np.float32) for k, v in
+                                           (("coef_x0", c0), ("coef_xt", ct), ("sqrt_alpha", sa))}})[0]
+    prob = sessions["mask_decoder"].run(None, {"latents": z.reshape(2, n, *z.shape[1:]).mean(1)})[0]
+    assert np.abs(prob - ref).max() <= 1e-3
+
+
+def test_export_is_deterministic(tiny_run, tiny_bundle, tmp_path):
+    again = export_bundle(tiny_run, tmp_path / "again")
+    first = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert {k: v["sha256"] for k, v in again["graphs"].items()} == {k: v["sha256"] for k, v in first["graphs"].items()}
+
+
+def test_corrupted_graph_is_refused(tiny_bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    with open(bad / "unet.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match="unet.onnx: sha256"):
+        load_bundle(bad)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(format_version=99), "unknown bundle format_version 99"),
+    (lambda m: m["graphs"]["unet"].update(sha256="0" * 64), "does not match the manifest"),
+    (lambda m: m.pop("graphs"), "lacks graphs"),
+])
+def test_bad_manifest_is_refused_with_a_clear_error(tiny_bundle, tmp_path, edit, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bad)
+
+
+def test_baseline_checkpoints_do_not_export(tmp_path):
+    from diffiml.train.model import DiscriminativeBaseline
+
+    save_checkpoint(tmp_path, DiscriminativeBaseline(get_config("tiny")), {"kind": "baseline",
+                                                                          "model": get_config("tiny").to_json()})
+    with pytest.raises(ExportError, match="baseline"):
+        export_bundle(tmp_path, tmp_path / "out")
+
+
+def test_tensorrt_engines_need_tensorrt():
+    from diffiml.runtime.backends import tensorrt_backend
+
+    if tensorrt_backend.available():
+        pytest.skip("TensorRT present: covered by the GPU benchmarks")
+    assert "TensorRT" in tensorrt_backend.unavailable_reason() or "CUDA" in tensorrt_backend.unavailable_reason()

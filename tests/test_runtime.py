@@ -1,0 +1,235 @@
+import json
+import resource
+import subprocess
+import sys
+import textwrap
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from diffiml.runtime.errors import BundleError, ImageDecodeError
+from diffiml.runtime.image_io import load_image, preprocess
+from diffiml.runtime.localizer import Localizer
+
+
+@pytest.fixture(scope="module")
+def localizer(tiny_bundle):
+    return Localizer.open(tiny_bundle, backend="ort-cpu", seed=0)
+
+
+def _rgb(h=48, w=80, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_runtime_never_imports_torch(tiny_bundle, tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), _rgb())
+    code = textwrap.dedent(f"""
+        import sys
+        from diffiml.runtime import Localizer
+        r = Localizer.open({str(tiny_bundle)!r}, backend="ort-cpu", uncertainty=True).localize({str(tmp_path / 'a.png')!r})
+        assert r.probability.shape == (48, 80)
+        print("torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_runtime_matches_the_reference_sampler(tiny_bundle, tiny_run):
+    from diffiml.export.exporter import load_diffiml
+    from diffiml.train.sampler import sample
+
+    model, _ = load_diffiml(tiny_run)
+    for tta in (False, True):
+        loc = Localizer.open(tiny_bundle, backend="ort-cpu", steps=4, ensemble=3, seed=5, tta=tta)
+        image = _rgb(64, 64)
+        ours = loc.localize(image).model_probability
+        x = torch.from_numpy(preprocess([image], 64, loc.bundle.mean, loc.bundle.std))
+        ref = sample(model, x, steps=4, ensemble=3, seed=5, tta=tta).probability[0, 0].numpy()
+        assert np.abs(ours - ref).max() <= 1e-3
+
+
+def test_same_seed_gives_bit_identical_masks(tiny_bundle):
+    a = Localizer.open(tiny_bundle, backend="ort-cpu", seed=3).localize(_rgb())
+    b = Localizer.open(tiny_bundle, backend="ort-cpu", seed=3).localize(_rgb())
+    assert np.array_equal(a.probability, b.probability) and np.array_equal(a.mask, b.mask)
+
+
+def test_batch_and_single_calls_agree(localizer):
+    images = [_rgb(seed=i) for i in range(3)]
+    batch = localizer.localize_batch(images)
+    for image, result in zip(images, batch, strict=True):
+        np.testing.assert_allclose(localizer.localize(image).probability, result.probability, atol=1e-5)
+
+
+def test_eight_threads_share_one_localizer(localizer):
+    images = [_rgb(seed=i) for i in range(8)]
+    expected = [localizer.localize(im).probability for im in images]
+    got: dict[int, np.ndarray] = {}
+
+    def work(i):
+        got[i] = localizer.localize(images[i]).probability
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        np.testing.assert_array_equal(got[i], expected[i])
+
+
+def test_result_has_maps_at_original_size_score_and_timings(tiny_bundle):
+    loc = Localizer.open(tiny_bundle, backend="ort-cpu", uncertainty=True)
+    r = loc.localize(_rgb(37, 91))
+    assert r.probability.shape == r.mask.shape == r.uncertainty.shape == (37, 91)
+    assert r.probability.dtype == np.float32 and r.mask.dtype == bool
+    assert 0.0 <= r.score <= 1.0 and (r.uncertainty >= 0).all()
+    assert {"encoder", "unet_steps", "decoder", "preprocess", "postprocess"} <= set(r.timings_ms)
+
+
+@pytest.mark.parametrize("image", [
+    np.zeros((1, 1, 3), np.uint8),
+    np.full((20, 30), 128, np.uint8),
+    np.full((20, 30, 4), 200, np.uint8),
+    np.full((20, 30, 3), 40000, np.uint16),
+])
+def test_odd_arrays_are_handled(localizer, image):
+    assert localizer.localize(image).probability.shape == image.shape[:2]
+
+
+@pytest.mark.parametrize("image", [
+    np.zeros((1, 1, 3), np.uint8),
+    np.full((20, 30), 128, np.uint8),
+    np.full((20, 30, 4), 200, np.uint8),
+    np.full((20, 30, 3), 40000, np.uint16),
+])
+def test_odd_png_files_are_handled(localizer, image, tmp_path):
+    path = tmp_path / "odd.png"
+    cv2.imwrite(str(path), image)
+    assert localizer.localize(path).probability.shape == image.shape[:2]
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    """A JPEG stored landscape with EXIF orientation 6 (rotate 90) is a portrait image."""
+    ok, jpg = cv2.imencode(".jpg", np.zeros((20, 40, 3), np.uint8))
+    exif = (b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"
+            b"\x00\x00\x00\x00")
+    app1 = b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
+    data = jpg.tobytes()
+    decoded = load_image(data[:2] + app1 + data[2:])
+    assert (decoded.height, decoded.width) == (40, 20)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"GIF89a garbage", "not a decodable image"),
+    (None, "not a decodable image"),  # truncated PNG
+])
+def test_bad_files_raise_a_typed_error_naming_them(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    if content is None:
+        ok, png = cv2.imencode(".png", _rgb())
+        content = png.tobytes()[:60]
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=f"bad.png.*{message}|{message}"):
+        load_image(path)
+
+
+def test_absurd_sizes_are_refused_before_decoding(tmp_path):
+    ok, png = cv2.imencode(".png", _rgb(2, 2))
+    data = bytearray(png.tobytes())
+    data[16:24] = (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big")
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        load_image(bytes(data))
+
+
+def test_missing_bundle_is_a_bundle_error(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Localizer.open(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_20000_pixel_square_stays_under_2_gib(tiny_bundle, tmp_path):
+    """Peak resident memory of a whole localization (decode, run, full-size mask) of a 20000x20000 JPEG."""
+    big = tmp_path / "big.jpg"
+    subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import cv2, numpy as np
+        img = np.zeros((20000, 20000, 3), np.uint8)
+        img[5000:9000, 5000:9000] = 200
+        cv2.imwrite({str(big)!r}, img, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    """)], check=True)
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from diffiml.runtime import Localizer
+        r = Localizer.open({str(tiny_bundle)!r}, backend="ort-cpu").localize({str(big)!r})
+        assert r.mask.shape == (20000, 20000)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_kib = int(out.stdout.strip())
+    assert peak_kib < 2 * 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "diffiml.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_writes_outputs_and_json_lines(tiny_bundle, tmp_path):
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"img{i}.png"), _rgb(seed=i))
+    out = tmp_path / "out"
+    done = _cli("localize", str(tmp_path / "*.png"), "--bundle", str(tiny_bundle), "--out", str(out),
+                "--uncertainty", "--backend", "ort-cpu")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["path"].endswith(f"img{i}.png") for i, line in enumerate(lines)] == [True, True]
+    assert {"score", "manipulated_fraction", "timings_ms"} <= set(lines[0])
+    prob = cv2.imread(str(out / "img0_prob.png"), cv2.IMREAD_UNCHANGED)
+    assert prob.dtype == np.uint16 and prob.shape == (48, 80)
+    for kind in ("mask", "overlay", "uncertainty"):
+        assert (out / f"img0_{kind}.png").is_file()
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_cli_reports_bad_inputs_in_one_line_and_finishes_the_rest(tiny_bundle, tmp_path):
+    cv2.imwrite(str(tmp_path / "good.png"), _rgb())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello")
+    out = tmp_path / "out"
+    done = _cli("localize", str(tmp_path / "broken.png"), str(tmp_path / "good.png"), str(tmp_path / "empty.jpg"),
+                str(tmp_path / "notes.txt"), str(tmp_path / "missing.png"), "--bundle", str(tiny_bundle),
+                "--out", str(out))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("diffiml localize: /")]
+    assert len(errors) == 4 and all(any(n in e for n in ("broken", "empty", "notes", "missing")) for e in errors)
+    assert (out / "good_mask.png").is_file() and not list(out.glob("broken*"))
+
+
+def test_cli_refuses_a_tampered_bundle_in_one_line(tiny_bundle, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "mask_decoder.onnx").write_bytes(b"tampered")
+    cv2.imwrite(str(tmp_path / "a.png"), _rgb())
+    done = _cli("localize", str(tmp_path / "a.png"), "--bundle", str(bad), "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "mask_decoder.onnx" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_reference_path_runs_the_torch_sampler(tiny_bundle, tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), _rgb(64, 64))
+    ours = _cli("localize", str(tmp_path / "a.png"), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o1"))
+    ref = _cli("localize", str(tmp_path / "a.png"), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o2"),
+               "--reference")
+    assert ours.returncode == ref.returncode == 0, ref.stderr
+    assert json.loads(ref.stdout)["backend"] == "torch-reference"
+    a = cv2.imread(str(tmp_path / "o1/a_prob.png"), cv2.IMREAD_UNCHANGED).astype(int)
+    b = cv2.imread(str(tmp_path / "o2/a_prob.png"), cv2.IMREAD_UNCHANGED).astype(int)
+    assert np.abs(a - b).max() <= 0.001 * 65535
