@@ -17,6 +17,7 @@ from diffiml.schedule import DdimPlan
 
 FORMAT_VERSION = 1
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
+SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
 _REQUIRED = ("format_version", "name", "model", "input", "latent", "sampling", "graphs", "opset", "producer",
              "checkpoint")
 
@@ -120,6 +121,10 @@ def validate_manifest(manifest: Any, where: Path) -> None:
     schedules = manifest["sampling"].get("schedules", {})
     if str(manifest["sampling"].get("default_steps")) not in schedules:
         raise BundleError(f"{where}: manifest.json has no schedule for its default step count")
+    for steps, plan in schedules.items():
+        if not isinstance(plan, dict) or not set(SCHEDULE_KEYS) <= set(plan) or any(
+                len(plan[k]) != int(steps) for k in SCHEDULE_KEYS):
+            raise BundleError(f"{where}: the {steps}-step schedule needs {', '.join(SCHEDULE_KEYS)}, one per step")
 
 
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:

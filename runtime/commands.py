@@ -88,7 +88,8 @@ def localize(args: argparse.Namespace) -> int:
             files = write_outputs(result, decoded.rgb, out, path.stem)
         except (DiffimlError, ValueError, OSError) as exc:
             failures += 1
-            print(f"diffiml localize: {path}: {exc}", file=sys.stderr)
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            print(f"diffiml localize: {message}", file=sys.stderr)
             continue
         record = {"path": str(path), "score": round(result.score, 4),
                   "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": localizer.backend,

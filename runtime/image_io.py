@@ -63,7 +63,7 @@ class DecodedImage:
 
 def _png_is_plain_rgb8(data: np.ndarray) -> bool:
     raw = data[:32].tobytes()
-    return raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[24] == 8 and raw[25] == 2
+    return len(raw) >= 26 and raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[24] == 8 and raw[25] == 2
 
 
 def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImage:
