@@ -29,7 +29,8 @@ def test_runtime_never_imports_torch(tiny_bundle, tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from diffiml.runtime import Localizer
-        r = Localizer.open({str(tiny_bundle)!r}, backend="ort-cpu", uncertainty=True).localize({str(tmp_path / 'a.png')!r})
+        loc = Localizer.open({str(tiny_bundle)!r}, backend="ort-cpu", uncertainty=True)
+        r = loc.localize({str(tmp_path / 'a.png')!r})
         assert r.probability.shape == (48, 80)
         print("torch" in sys.modules)
     """)
