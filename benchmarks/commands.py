@@ -20,6 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true")
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--robustness", action="store_true", help="F1 under JPEG, blur and noise; plotted to --plot")
+    p.add_argument("--plot", default="out/robustness.png", help="PNG for --robustness")
     p.set_defaults(handler=evaluate)
 
     p = sub.add_parser("bench", help="benchmarks")
@@ -38,6 +40,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True)
     t.set_defaults(handler=table4)
 
+    c = bench.add_parser("scaling", help="latency vs ensemble size and steps, throughput vs batch")
+    c.add_argument("--bundle", default="engines/default")
+    c.add_argument("--backend", default="auto")
+    c.add_argument("--ensembles", default="1,2,5,10")
+    c.add_argument("--steps", default="1,5,8,10")
+    c.add_argument("--batches", default="1,4,16,64")
+    c.add_argument("--runs", type=int, default=20)
+    c.add_argument("--warmup", type=int, default=3)
+    c.add_argument("--out", required=True)
+    c.set_defaults(handler=scaling)
+
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -55,6 +68,14 @@ def evaluate(args: argparse.Namespace) -> int:
     names = args.name or [Path(d).stem for d in args.data]
     if len(names) != len(args.data):
         raise ValueError("give one --name per --data")
+    if args.robustness:
+        from diffiml.benchmarks.robustness import plot, robustness
+
+        result = {n: robustness(localizer, read_dataset(d), n) for d, n in zip(args.data, names, strict=True)}
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(next(iter(result.values())), Path(args.plot), f"robustness: {names[0]}")
+        print(json.dumps({"robustness": result, "plot": args.plot}))
+        return 0
     reports = [run(localizer, read_dataset(d), n)[0] for d, n in zip(args.data, names, strict=True)]
     f1 = sum(r["f1"] for r in reports) / len(reports)
     if args.json:
@@ -83,5 +104,21 @@ def table4(args: argparse.Namespace) -> int:
     md = to_markdown(rows, note)
     _atomic_write(out / "table4.json", json.dumps(rows, indent=2))
     _atomic_write(out / "table4.md", md)
+    print(md)
+    return 0
+
+
+def scaling(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.scaling import bench_scaling, plot, to_markdown
+
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    result = bench_scaling(args.bundle, args.backend, ints(args.ensembles), ints(args.steps), ints(args.batches),
+                           args.runs, args.warmup)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "scaling.json", json.dumps(result, indent=2))
+    md = to_markdown(result)
+    _atomic_write(out / "scaling.md", md)
+    plot(result, out / "scaling.png")
     print(md)
     return 0

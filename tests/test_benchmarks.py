@@ -73,3 +73,20 @@ def test_paper_config_counts_match_table4_within_tolerance():
     assert abs(info["params_m"] - 48.51) / 48.51 < 0.05
     assert abs(info["gmacs_n1"] - 53.01) / 53.01 < 0.10
     assert abs(info["gmacs_n5_unet_attention_uncounted"] - 102.36) / 102.36 < 0.10
+
+
+def test_scaling_writes_table_json_and_plot(tiny_bundle, tmp_path):
+    assert main(["bench", "scaling", "--bundle", str(tiny_bundle), "--backend", "ort-cpu", "--ensembles", "1,5",
+                 "--steps", "1,4", "--batches", "1,2", "--runs", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert [r["ensemble"] for r in result["ensemble"]] == [1, 5] and "latency_ratio_n5_n1" in result
+    assert (tmp_path / "scaling.png").stat().st_size > 0 and "paper: 1.86" in (tmp_path / "scaling.md").read_text()
+
+
+def test_robustness_reports_f1_per_level_and_plots(tiny_bundle, synthetic_set, tmp_path, capsys):
+    assert main(["eval", "--robustness", "--bundle", str(tiny_bundle), "--data", str(synthetic_set / "holdout.json"),
+                 "--backend", "ort-cpu", "--plot", str(tmp_path / "r.png")]) == 0
+    result = json.loads(capsys.readouterr().out)["robustness"]["holdout"]
+    assert set(result) == {"jpeg_quality", "gaussian_blur_kernel", "gaussian_noise_std"}
+    assert all(0 <= row["f1"] <= 1 for rows in result.values() for row in rows)
+    assert (tmp_path / "r.png").stat().st_size > 0
