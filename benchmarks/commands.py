@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from pathlib import Path
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="pixel F1 (0.5), AUC, IoU and image AUC of a bundle on a dataset")
     p.add_argument("--bundle", default="engines/default")
-    p.add_argument("--data", required=True, action="append", help="JSON list or Tp/Gt folder (repeatable)")
+    p.add_argument("--data", action="append", default=[], help="JSON list or Tp/Gt folder (repeatable)")
+    p.add_argument("--protocol", choices=["mvss", "catnet"], default=None, help="the paper's test sets under --root")
+    p.add_argument("--root", default=None, help="folder holding the protocol's test sets")
     p.add_argument("--name", action="append", default=None, help="a name per --data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
@@ -66,6 +69,18 @@ def evaluate(args: argparse.Namespace) -> int:
     localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                tta=args.tta, seed=args.seed)
     names = args.name or [Path(d).stem for d in args.data]
+    if args.protocol:
+        from diffiml.benchmarks.protocols import locate
+
+        if not args.root:
+            raise ValueError("--protocol needs --root, the folder holding its test sets")
+        found, missing = locate(args.protocol, args.root)
+        if missing:
+            print(f"diffiml eval: {args.protocol}: not found under {args.root}, skipped: {', '.join(missing)}",
+                  file=sys.stderr)
+        names, args.data = [n for n, _ in found] + names, [str(p) for _, p in found] + args.data
+    if not args.data:
+        raise ValueError("nothing to evaluate: give --data or --protocol with --root")
     if len(names) != len(args.data):
         raise ValueError("give one --name per --data")
     if args.robustness:

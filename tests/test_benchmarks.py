@@ -90,3 +90,15 @@ def test_robustness_reports_f1_per_level_and_plots(tiny_bundle, synthetic_set, t
     assert set(result) == {"jpeg_quality", "gaussian_blur_kernel", "gaussian_noise_std"}
     assert all(0 <= row["f1"] <= 1 for rows in result.values() for row in rows)
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_protocol_evaluates_the_test_sets_present_and_names_the_missing(tiny_bundle, synthetic_set, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    shutil.copytree(synthetic_set, tmp_path / "Columbia")
+    assert main(["eval", "--bundle", str(tiny_bundle), "--protocol", "mvss", "--root", str(tmp_path), "--json",
+                 "--backend", "ort-cpu"]) == 0
+    out = capsys.readouterr()
+    assert [d["name"] for d in json.loads(out.out)["datasets"]] == ["Columbia"]
+    assert "COVERAGE" in out.err and "skipped" in out.err
