@@ -122,3 +122,19 @@ def test_tensorrt_engines_need_tensorrt():
     if tensorrt_backend.available():
         pytest.skip("TensorRT present: covered by the GPU benchmarks")
     assert "TensorRT" in tensorrt_backend.unavailable_reason() or "CUDA" in tensorrt_backend.unavailable_reason()
+
+
+def test_engines_built_for_another_gpu_or_tensorrt_are_refused_naming_both(tiny_bundle):
+    from diffiml.runtime.backends.tensorrt_backend import select_engines
+
+    bundle = load_bundle(tiny_bundle)
+    entry = {"file": "x.engine", "sha256": "0" * 64, "compute_capability": "8.6", "device_name": "RTX 3090",
+             "tensorrt_version": "10.3.0"}
+    manifest = {**bundle.manifest, "engines": [{**entry, "graph": g} for g in ("condition_encoder", "unet",
+                                                                               "mask_decoder")]}
+    here = {"compute_capability": "9.0", "device_name": "H100", "tensorrt_version": "10.13.0"}
+    with pytest.raises(BundleError, match=r"RTX 3090.*8\.6.*10\.3\.0.*H100.*9\.0.*10\.13\.0"):
+        select_engines(type(bundle)(bundle.root, manifest), here)
+    assert set(select_engines(type(bundle)(bundle.root, manifest), {**here, "compute_capability": "8.6",
+                                                                    "tensorrt_version": "10.3.0"})) == {
+        "condition_encoder", "unet", "mask_decoder"}

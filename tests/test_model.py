@@ -71,3 +71,28 @@ def test_paper_config_matches_the_paper_parameter_count():
     model = DiffIML(get_config("paper"))
     params = _params_m(model.encoder, model.unet)
     assert abs(params - 48.51) / 48.51 < 0.05
+
+
+def test_resnet_backbone_option_gives_the_same_condition_shape():
+    cfg = get_config("tiny")
+    cfg.backbone = "resnet50"
+    model = DiffIML(cfg).eval()
+    with torch.no_grad():
+        assert model.encoder(torch.zeros(1, 3, 64, 64)).shape == (1, cfg.head_channels, 8, 8)
+
+
+def test_lightvae_distills_from_a_local_sd_vae_teacher(tmp_path):
+    """A (small, random) diffusers AutoencoderKL saved as a local folder stands in for sd-vae-ft-mse."""
+    from diffusers import AutoencoderKL
+
+    from diffiml.train.light_vae import LightVAE
+    from diffiml.train.vae_distill import VaeDistillation, load_teacher
+
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  ).save_pretrained(tmp_path / "teacher")
+    objective = VaeDistillation(LightVAE((8, 16, 32)), load_teacher(tmp_path / "teacher"))
+    mask = (torch.rand(2, 1, 64, 64) > 0.5).float()
+    loss = objective.loss(mask, mask, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and not any(p.grad is not None for p in objective.teacher.parameters())
