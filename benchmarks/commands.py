@@ -22,6 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=int, default=None)
     p.add_argument("--tta", action="store_true")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
+                   help="score a discriminative-baseline checkpoint (Table 5) instead of the bundle")
     p.add_argument("--json", action="store_true")
     p.add_argument("--robustness", action="store_true", help="F1 under JPEG, blur and noise; plotted to --plot")
     p.add_argument("--plot", default="out/robustness.png", help="PNG for --robustness")
@@ -66,8 +68,13 @@ def evaluate(args: argparse.Namespace) -> int:
     from diffiml.runtime.localizer import Localizer
     from diffiml.train.data.readers import read_dataset
 
-    localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
-                               tta=args.tta, seed=args.seed)
+    if args.baseline:
+        from diffiml.export.reference import BaselineLocalizer
+
+        localizer: Localizer = BaselineLocalizer(args.baseline)
+    else:
+        localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
+                                   tta=args.tta, seed=args.seed)
     names = args.name or [Path(d).stem for d in args.data]
     if args.protocol:
         from diffiml.benchmarks.protocols import locate

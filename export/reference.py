@@ -46,3 +46,33 @@ class ReferenceLocalizer(Localizer):
             passes = out.member_probability.numpy().reshape(x.shape[0], -1, self.ensemble, *prob.shape[1:])
             unc = passes.std(axis=2).max(axis=1)
         return prob, unc, {"reference": time.perf_counter() - t0}
+
+
+class BaselineLocalizer(Localizer):
+    """The discriminative baseline (Table 5) behind the runtime's interface, so ``diffiml eval`` scores both
+    models with the same reading, resizing and metrics."""
+
+    def __init__(self, checkpoint: str | Path) -> None:  # noqa: D107 - no engines, no noise: a plain forward
+        from types import SimpleNamespace
+
+        from diffiml.constants import IMAGE_MEAN, IMAGE_STD
+        from diffiml.train.checkpoint import load_config, load_weights
+        from diffiml.train.config import ModelConfig
+        from diffiml.train.model import DiscriminativeBaseline
+
+        config = load_config(checkpoint)
+        if config.get("kind") != "baseline":
+            raise BundleError(f"{checkpoint}: not a baseline checkpoint (kind {config.get('kind')!r})")
+        model_config = ModelConfig.from_json(config["model"])
+        self.model = DiscriminativeBaseline(model_config).eval()
+        load_weights(checkpoint, self.model)
+        self.bundle = SimpleNamespace(image_size=model_config.image_size, mean=list(IMAGE_MEAN),  # type: ignore
+                                      std=list(IMAGE_STD))
+        self.backend, self.tta, self.uncertainty = "torch-baseline", False, False
+        self._lock = __import__("threading").Lock()
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+        t0 = time.perf_counter()
+        with self._lock, torch.no_grad():
+            prob = torch.sigmoid(self.model(torch.from_numpy(x)))[:, 0].numpy()
+        return prob, None, {"reference": time.perf_counter() - t0}

@@ -102,3 +102,27 @@ def test_protocol_evaluates_the_test_sets_present_and_names_the_missing(tiny_bun
     out = capsys.readouterr()
     assert [d["name"] for d in json.loads(out.out)["datasets"]] == ["Columbia"]
     assert "COVERAGE" in out.err and "skipped" in out.err
+
+
+REAL_DEV = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/real-dev/real-dev.json"
+
+
+@pytest.mark.skipif(not REAL_DEV.is_file(), reason="../shared/data/real-dev is not present")
+def test_eval_runs_on_every_real_forgery_at_original_resolution(tiny_bundle, capsys):
+    """The real forgeries mix TIFF, JPEG and PNG from 256x256 to 1920x1080: all must be read and scored."""
+    assert main(["eval", "--bundle", str(tiny_bundle), "--data", str(REAL_DEV), "--json", "--backend", "ort-cpu",
+                 "--ensemble", "1", "--steps", "1"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["datasets"]
+    assert row["n"] == row["n_manipulated"] == 37
+
+
+def test_eval_scores_a_baseline_checkpoint_the_same_way(synthetic_set, tmp_path, capsys):
+    from diffiml.train.checkpoint import save_checkpoint
+    from diffiml.train.config import get_config
+    from diffiml.train.model import DiscriminativeBaseline
+
+    save_checkpoint(tmp_path, DiscriminativeBaseline(get_config("tiny")), {"kind": "baseline",
+                                                                          "model": get_config("tiny").to_json()})
+    assert main(["eval", "--baseline", str(tmp_path), "--data", str(synthetic_set / "holdout.json"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["datasets"]
+    assert 0 <= row["f1"] <= 1 and row["n"] > 0
