@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import diffiml
-from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_ENSEMBLE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
+from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
 from diffiml.export.graphs import GraphSpec, graph_specs
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.schedule import ddim_plan
@@ -130,8 +130,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
                   "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "resize": "area"},
         "latent": {"channels": 8, "mask_channels": 4, "size": [cfg.latent_size, cfg.latent_size]},
         "sampling": {
-            "default_steps": cfg.steps if cfg.name == "tiny" else DEFAULT_STEPS,
-            "default_ensemble": cfg.ensemble if cfg.name == "tiny" else DEFAULT_ENSEMBLE,
+            "default_steps": cfg.steps,
+            "default_ensemble": cfg.ensemble,
             "clip_sample": CLIP_SAMPLE_RANGE, "prediction_type": "sample", "eta": 0.0,
             "schedules": {str(k): ddim_plan(k).to_json() for k in all_steps},
         },

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffiml.constants import DEFAULT_ENSEMBLE, DEFAULT_STEPS
+
 # Backbone shapes of the Segformer (MiT) family and of the ResNets of Table 6b.
 MIT_VARIANTS: dict[str, dict[str, Any]] = {
     "b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "num_attention_heads": [1, 2, 5, 8]},
@@ -33,8 +35,8 @@ class ModelConfig:
     unet_groups: int = 32
     time_embed_dim: int = 512
     vae_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    steps: int = 8
-    ensemble: int = 5
+    steps: int = DEFAULT_STEPS
+    ensemble: int = DEFAULT_ENSEMBLE
 
     def __post_init__(self) -> None:
         if self.image_size % 32:
