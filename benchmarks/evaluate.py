@@ -6,13 +6,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from diffiml.benchmarks.metrics import auc, pixel_f1, pixel_iou, summarize
 from diffiml.runtime.image_io import load_image, to_rgb8
 from diffiml.runtime.localizer import Localizer
+from diffiml.train.data.readers import read_mask
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,7 @@ def read_truth(path: Path | None, height: int, width: int) -> np.ndarray:
     """Boolean truth at (height, width); masks binarized at half their range; None means authentic."""
     if path is None:
         return np.zeros((height, width), bool)
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise ValueError(f"{path}: unreadable mask")
-    gray = raw if raw.ndim == 2 else raw[..., :3].max(axis=2)
-    full = 65535 if gray.dtype == np.uint16 else 255
-    truth = gray.astype(np.float32) >= 0.5 * full
+    truth = read_mask(path) > 0
     if truth.shape != (height, width):
         raise ValueError(f"{path}: mask size {truth.shape[::-1]} differs from image size {(width, height)}")
     return truth

@@ -25,7 +25,7 @@ from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAG
 from diffiml.export.graphs import GraphSpec, graph_specs
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.schedule import ddim_plan
-from diffiml.train.checkpoint import load_config, load_weights, resolve_checkpoint
+from diffiml.train.checkpoint import load_config, load_weights, replace_folder, resolve_checkpoint
 from diffiml.train.config import ModelConfig
 from diffiml.train.model import DiffIML
 
@@ -143,10 +143,5 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     load_bundle(staging)  # the runtime's own validation, before the bundle replaces anything
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out)
     return manifest

@@ -59,7 +59,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, config: dict[str, Any
     """Write ``run_dir/checkpoint`` atomically; ``dtype`` (e.g. float16) shrinks a checkpoint meant to ship."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = run_dir / CHECKPOINT_DIR, run_dir / (CHECKPOINT_DIR + ".tmp"), run_dir / (CHECKPOINT_DIR + ".old")
+    final, tmp = run_dir / CHECKPOINT_DIR, run_dir / (CHECKPOINT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {
@@ -74,10 +74,17 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, config: dict[str, Any
         _write_json(tmp / "optimizer.json", meta)
     if trainer_state is not None:
         _write_json(tmp / "trainer_state.json", trainer_state)
+    return replace_folder(tmp, final)
+
+
+def replace_folder(new: Path, final: Path) -> Path:
+    """Swap a fully written folder in for ``final`` by renames: a kill at any moment leaves one of the two whole
+    (``resolve_checkpoint`` also looks at ``NAME.old``)."""
+    old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
 

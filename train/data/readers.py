@@ -30,12 +30,16 @@ class Sample:
     mask: Path | None  # None: authentic image, all-zero mask
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, or ValueError naming the file."""
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
+def _read_bytes(path: Path) -> np.ndarray:
+    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
     if data is None or data.size == 0:
         raise ValueError(f"{path}: missing or empty file")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return data
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, or ValueError naming the file."""
+    img = cv2.imdecode(_read_bytes(path), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"{path}: not a readable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -43,10 +47,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def read_mask(path: Path) -> np.ndarray:
     """(H, W) uint8 in {0, 1}: binarized at half of the mask's value range."""
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None or data.size == 0:
-        raise ValueError(f"{path}: missing or empty mask file")
-    m = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    m = cv2.imdecode(_read_bytes(path), cv2.IMREAD_UNCHANGED)
     if m is None:
         raise ValueError(f"{path}: not a readable mask")
     if m.ndim == 3:
