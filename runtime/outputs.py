@@ -36,9 +36,7 @@ def write_outputs(result: LocalizationResult, rgb: np.ndarray, out_dir: Path, st
     and, when computed, ``<stem>_uncertainty.png`` (16-bit); returns their paths by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     h, w = result.height, result.width
-    # Resize as uint16: half the memory of float32 for very large inputs.
-    prob16 = cv2.resize((result.model_probability * 65535 + 0.5).astype(np.uint16), (w, h),
-                        interpolation=cv2.INTER_LINEAR)
+    prob16 = result.probability16()
     paths = {"prob": write_png(out_dir / f"{stem}_prob.png", prob16)}
     paths["mask"] = write_png(out_dir / f"{stem}_mask.png", ((prob16 >= 32768) * np.uint8(255)).astype(np.uint8))
     del prob16
