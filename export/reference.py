@@ -4,6 +4,7 @@ place of the engines, so a user can compare the two on their own images."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class BaselineLocalizer(Localizer):
         self.bundle = SimpleNamespace(image_size=model_config.image_size, mean=list(IMAGE_MEAN),  # type: ignore
                                       std=list(IMAGE_STD))
         self.backend, self.tta, self.uncertainty = "torch-baseline", False, False
-        self._lock = __import__("threading").Lock()
+        self._lock = threading.Lock()
 
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
         t0 = time.perf_counter()

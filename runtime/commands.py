@@ -96,9 +96,7 @@ def localize(args: argparse.Namespace) -> int:
                   "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
                   "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
         if args.truth and len(paths) == 1:
-            from diffiml.runtime.image_io import load_image as load
-
-            truth = load(args.truth).rgb[..., 0] >= 128
+            truth = load_image(args.truth).rgb[..., 0] >= 128
             record["f1"] = round(_f1(result.mask, truth), 4)
         print(json.dumps(record), flush=True)
     if failures:
