@@ -34,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = bench.add_parser("table4", help="the paper's Table 4: params, GMACs, FPS per backend")
     t.add_argument("--config", default="small")
     t.add_argument("--bundle", default=None, help="time this bundle (default: export random weights of --config)")
-    t.add_argument("--backends", default="torch,torch-authors,ort-cpu,ort-cuda,tensorrt")
+    t.add_argument("--backends", default="torch,torch-authors,torch-fp16,torch-compile,ort-cpu,ort-cuda,tensorrt")
     t.add_argument("--ensemble", default="1,5")
     t.add_argument("--steps", type=int, default=8)
     t.add_argument("--batch", type=int, default=1)

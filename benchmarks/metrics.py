@@ -12,17 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffiml.runtime.metrics import pixel_f1, pixel_iou
 
-def pixel_f1(pred: np.ndarray, truth: np.ndarray) -> float:
-    """F1 of two boolean maps; 0 when the truth is empty (IMDLBenCo's convention)."""
-    tp = float(np.count_nonzero(pred & truth))
-    denom = float(np.count_nonzero(pred) + np.count_nonzero(truth))
-    return 0.0 if denom == 0 or not truth.any() else 2.0 * tp / denom
-
-
-def pixel_iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    union = float(np.count_nonzero(pred | truth))
-    return 0.0 if union == 0 else float(np.count_nonzero(pred & truth)) / union
+__all__ = ["auc", "pixel_f1", "pixel_iou", "summarize"]
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -5,8 +5,11 @@ Backends:
 - ``torch``: our PyTorch reference pipeline (eager fp32), ensemble batched, condition hoisted.
 - ``torch-authors``: the authors' execution order in PyTorch eager: members one after another at batch 1, the
   condition entry recomputed at every call (40 UNet calls for N = 5). The peer to beat.
+- ``torch-fp16``, ``torch-compile``: on a GPU, the baselines a user would reach for: eager fp16, and
+  ``torch.compile(mode="reduce-overhead")`` (Inductor with CUDA graphs) of the UNet, with our batched loop.
 - ``ort-cpu``, ``ort-cuda``, ``tensorrt``: our runtime on an engine bundle of the same weights.
-Unavailable backends are listed with the reason, never faked.
+The torch rows run on the GPU when torch sees one, else on the CPU. Each row's speed-up is over PyTorch eager fp32 on
+the same kind of device in the same run. Unavailable backends are listed with the reason, never faked.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ PAPER_ROWS = [
     {"backend": "paper (RTX 3090)", "ensemble": 1, "params_m": 48.51, "gmacs": 53.01, "fps": 69.48},
     {"backend": "paper (RTX 3090)", "ensemble": 5, "params_m": 48.51, "gmacs": 102.36, "fps": 37.28},
 ]
+TORCH_BACKENDS = ("torch", "torch-authors", "torch-fp16", "torch-compile")
+GPU_ONLY = {"torch-fp16": "eager fp16", "torch-compile": "torch.compile with CUDA graphs"}
 
 
 def cpu_name() -> str:
@@ -57,8 +62,9 @@ def time_runs(fn: Callable[[], dict[str, float] | None], runs: int, warmup: int)
     }
 
 
-def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_order: bool
+def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_order: bool, unet: Any = None
                    ) -> Callable[[], dict[str, float]]:
+    """The PyTorch pipeline on the model's device and dtype; ``unet`` replaces ``model.unet``'s call (compiled)."""
     import torch
 
     from diffiml.constants import CLIP_SAMPLE_RANGE, LATENT_CHANNELS
@@ -66,13 +72,18 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
 
     plan = ddim_plan(steps)
     h = image.shape[-1] // 8
-    noise = torch.from_numpy(ensemble_noise(0, ensemble, (2 * LATENT_CHANNELS, h, h)))
+    noise = torch.from_numpy(ensemble_noise(0, ensemble, (2 * LATENT_CHANNELS, h, h))).to(image.device, image.dtype)
+    unet = unet or model.unet
+    # Kernels are asynchronous on a GPU: stage clocks are read after a synchronize.
+    sync = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
 
     @torch.no_grad()
     def run() -> dict[str, float]:
+        sync()
         t0 = time.perf_counter()
         cond = model.encoder(image)
         hoisted = None if authors_order else model.unet.condition_features(cond)
+        sync()
         t1 = time.perf_counter()
         groups = [noise[i : i + 1] for i in range(ensemble)] if authors_order else [noise]
         finals = []
@@ -80,12 +91,14 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
             z = z.repeat(image.shape[0], 1, 1, 1)
             for t, c0, ct, sa in plan.steps():
                 feats = model.unet.condition_features(cond) if authors_order else hoisted
-                z0 = model.unet(z, torch.full((z.shape[0],), t, dtype=torch.int64), feats)
+                z0 = unet(z, torch.full((z.shape[0],), t, dtype=torch.int64, device=z.device), feats)
                 z = c0 * z0.clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE) + ct * (z - sa * z0)
             finals.append(z)
         z = torch.stack(finals).mean(0) if authors_order else z.view(image.shape[0], ensemble, *z.shape[1:]).mean(1)
+        sync()
         t2 = time.perf_counter()
         torch.sigmoid(model.vae.decode(z[:, :LATENT_CHANNELS]))
+        sync()
         t3 = time.perf_counter()
         return {"encoder": (t1 - t0) * 1000, "unet_steps": (t2 - t1) * 1000, "decoder": (t3 - t2) * 1000}
 
@@ -155,11 +168,19 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (config.image_size, config.image_size, 3), dtype=np.uint8) for _ in range(batch)]
     tensor = torch.from_numpy(rng.standard_normal((batch, 3, config.image_size, config.image_size), np.float32))
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_name = torch.cuda.get_device_name(0) if torch_device == "cuda" else device
     for backend in backends:
         for n in ensembles:
-            if backend in ("torch", "torch-authors"):
-                fn = torch_pipeline(model, tensor, steps, n, authors_order=backend == "torch-authors")
-                rows.append(row(backend, "fp32", n, time_runs(fn, runs, warmup), device))
+            if backend in TORCH_BACKENDS:
+                if backend in GPU_ONLY and torch_device != "cuda":
+                    rows.append(row(backend, "-", n, None, "-",
+                                    skipped=f"{GPU_ONLY[backend]} is a GPU baseline; torch sees no CUDA device"))
+                    continue
+                fn = _torch_backend(backend, model, tensor, steps, n, torch_device)
+                precision = "fp16" if backend == "torch-fp16" else "fp32"
+                rows.append(row(backend, precision, n, time_runs(fn, runs, warmup), torch_name))
+                rows[-1]["device_kind"] = torch_device
                 continue
             try:
                 loc = Localizer.open(bundle, backend=backend, steps=steps, ensemble=n, threads=threads)
@@ -168,11 +189,31 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
                 continue
             dev = device if loc.backend == "ort-cpu" else loc.backend
             rows.append(row(loc.backend, "fp32", n, time_runs(runtime_pipeline(loc, images), runs, warmup), dev))
-    reference = {r["ensemble"]: r["latency_ms_p50"] for r in rows if r["backend"] == "torch" and r["latency_ms_p50"]}
+            rows[-1]["device_kind"] = "cpu" if loc.backend == "ort-cpu" else "cuda"
+    reference = {(r["device_kind"], r["ensemble"]): r["latency_ms_p50"] for r in rows
+                 if r["backend"] == "torch" and r["latency_ms_p50"]}
     for r in rows:
-        if r["latency_ms_p50"] and r["ensemble"] in reference:
-            r["speedup_vs_torch"] = round(reference[r["ensemble"]] / r["latency_ms_p50"], 2)
+        key = (r.get("device_kind"), r["ensemble"])
+        if r["latency_ms_p50"] and key in reference:
+            r["speedup_vs_torch"] = round(reference[key] / r["latency_ms_p50"], 2)
     return rows
+
+
+def _torch_backend(backend: str, model: Any, image: Any, steps: int, ensemble: int, device: str
+                   ) -> Callable[[], dict[str, float]]:
+    """One torch row's pipeline: the model moved (a copy, for fp16) to the device, compiled for torch-compile."""
+    import copy
+
+    import torch
+
+    dtype = torch.float16 if backend == "torch-fp16" else torch.float32
+    moved = copy.deepcopy(model).to(device, dtype) if backend == "torch-fp16" else model.to(device)
+    unet = None
+    if backend == "torch-compile":
+        # reduce-overhead = Inductor kernels replayed as CUDA graphs; the condition entry stays eager (once per image).
+        unet = torch.compile(moved.unet, mode="reduce-overhead")
+    return torch_pipeline(moved, image.to(device, dtype), steps, ensemble,
+                          authors_order=backend == "torch-authors", unet=unet)
 
 
 def to_markdown(rows: list[dict[str, Any]], info_note: str = "") -> str:

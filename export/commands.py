@@ -13,6 +13,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp32 graphs (fp16 ONNX variants are not available yet)")
+    p.add_argument("--attention", default="fused", choices=["fused", "standard"],
+                   help="fused: the UNet's attention as onnxruntime's MultiHeadAttention (fast, low memory); "
+                        "standard: plain ONNX ops, for TensorRT (build-engines)")
     p.set_defaults(handler=export)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (needs TensorRT and a GPU)")
@@ -32,7 +35,7 @@ def export(args: argparse.Namespace) -> int:
         # the fp32 graphs instead (diffiml build-engines --precision fp16).
         raise ValueError("--precision fp16: the fp16 ONNX variant is not available yet; export fp32 and build "
                          "fp16 TensorRT engines with `diffiml build-engines --precision fp16`")
-    manifest = export_bundle(args.checkpoint, args.out, args.name)
+    manifest = export_bundle(args.checkpoint, args.out, args.name, attention=args.attention)
     print(json.dumps({"bundle": args.out, "graphs": {k: v["sha256"] for k, v in manifest["graphs"].items()},
                       "checks": manifest["checks"]}))
     return 0

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 import diffiml
 from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
+from diffiml.export.attention import ATTENTION_MODES, FUSED_DOMAIN, attention_for_export
 from diffiml.export.graphs import GraphSpec, graph_specs
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.schedule import ddim_plan
@@ -49,15 +51,16 @@ def load_diffiml(checkpoint: str | Path) -> tuple[DiffIML, Path]:
     return model.eval(), ckpt
 
 
-def _export_one(spec: GraphSpec, module: torch.nn.Module, sizes: dict[str, int]) -> bytes:
+def _export_one(spec: GraphSpec, module: torch.nn.Module, sizes: dict[str, int], attention: str = "fused") -> bytes:
     sample = spec.sample_inputs(sizes)
     dynamic_axes = {
         t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*spec.inputs, *spec.outputs)
     }
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), attention_for_export(module, attention):
         torch.onnx.export(
             module, tuple(sample.values()), buffer, dynamo=False, opset_version=OPSET,
+            custom_opsets={FUSED_DOMAIN: 1} if attention == "fused" else None,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_axes={k: v for k, v in dynamic_axes.items() if v}, do_constant_folding=True,
         )
@@ -93,8 +96,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None,
-                  steps: tuple[int, ...] = SUPPORTED_STEPS) -> dict[str, Any]:
-    """Write the bundle into ``out`` (replacing it only once everything passed) and return its manifest."""
+                  steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused") -> dict[str, Any]:
+    """Write the bundle into ``out`` (replacing it only once everything passed) and return its manifest.
+
+    ``attention="fused"`` (for onnxruntime) writes the UNet's attention as one fused operator; "standard" keeps plain
+    ONNX ops, which TensorRT's parser needs (``diffiml.export.attention``)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, not {attention!r}")
     torch.manual_seed(0)
     model, ckpt = load_diffiml(checkpoint)
     cfg = model.config
@@ -106,7 +114,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
     checks: dict[str, float] = {}
     for gname, (spec, module) in graph_specs(model).items():
         module.eval()
-        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2})
+        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
         checks[gname] = check_against_torch(
             # Small batches: at the paper size one member's UNet attention alone holds 1 GiB per framework.
             spec, module, data, [{"images": 1, "members": 3, "latents": 1}, {"images": 2, "members": 4, "latents": 3}]
@@ -116,9 +124,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
         graphs[gname] = {
             "file": file, "sha256": sha256_of(staging / file), "precision": "fp32",
             "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
+            "domains": sorted({o.domain for o in onnx.load_from_string(data).opset_import}),
         }
         log.info("%s: exported, max |onnxruntime - torch| = %.2e", gname, checks[gname])
-    import onnx
 
     all_steps = sorted({*steps, cfg.steps, DEFAULT_STEPS})
     manifest = {
@@ -139,6 +147,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
         "graphs": graphs,
         "checks": {"fp32_max_abs_error_vs_torch": checks},
         "opset": OPSET,
+        "attention": attention,
         "producer": {"diffiml": diffiml.__version__, "torch": torch.__version__.split("+")[0],
                      "onnx": onnx.__version__, "exporter": "torch.onnx.export(dynamo=False)"},
     }

@@ -18,12 +18,16 @@ from typing import Any
 
 import tensorrt as trt
 
-from diffiml.runtime.backends.tensorrt_backend import device_identity
+from diffiml.runtime.backends.tensorrt_backend import device_identity, unavailable_reason
 from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle, sha256_of
 
 log = logging.getLogger(__name__)
 TIMING_CACHE = "timing.cache"
-FP32_LAYER_TYPES = (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
+
+
+def fp32_layer_types() -> tuple[trt.LayerType, ...]:
+    """Layers pinned to fp32 (a function: with tensorrt-stubs alone, ``tensorrt`` is an empty namespace package)."""
+    return (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
 
 
 def batch_profile(graph: dict[str, Any], max_images: int, max_members: int) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -54,7 +58,7 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if layer.type in FP32_LAYER_TYPES:
+            if layer.type in fp32_layer_types():
                 layer.precision = trt.float32
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
@@ -76,6 +80,14 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]
 def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
                          ensemble: int | None = None) -> list[dict[str, Any]]:
     bundle = load_bundle(bundle_dir)
+    for name in GRAPH_NAMES:
+        if bundle.graph(name).nonstandard_domains:
+            raise ValueError(f"{bundle_dir}: the {name} graph uses onnxruntime-only operators "
+                             f"({', '.join(bundle.graph(name).nonstandard_domains)}), which TensorRT's parser cannot "
+                             "read; export the bundle with `diffiml export --attention standard` for TensorRT")
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"build-engines: {reason}")
     identity = device_identity()
     members = max_batch * (ensemble or bundle.default_ensemble)
     cc = identity["compute_capability"].replace(".", "")

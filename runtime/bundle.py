@@ -15,7 +15,7 @@ from typing import Any
 from diffiml.runtime.errors import BundleError
 from diffiml.schedule import DdimPlan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graphs list the operator domains they use (fused attention is com.microsoft)
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
 SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
 _REQUIRED = ("format_version", "name", "model", "input", "latent", "sampling", "graphs", "opset", "producer",
@@ -37,6 +37,12 @@ class GraphEntry:
     sha256: str
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    domains: tuple[str, ...] = ("",)  # "" is the standard ONNX domain
+
+    @property
+    def nonstandard_domains(self) -> list[str]:
+        """Operator domains beyond ONNX's own: an engine must implement them (onnxruntime does, TensorRT does not)."""
+        return [d for d in self.domains if d not in ("", "ai.onnx")]
 
     @property
     def input_names(self) -> list[str]:
@@ -89,7 +95,7 @@ class Bundle:
         if not graphs or name not in graphs:
             raise BundleError(f"{self.root}: the manifest has no {precision} {name} graph")
         g = graphs[name]
-        return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"])
+        return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"], tuple(g["domains"]))
 
     def checkpoint_path(self) -> Path:
         return (self.root / self.manifest["checkpoint"]["path"]).resolve()
@@ -116,7 +122,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         raise BundleError(f"{where}: manifest.json lacks {', '.join(missing)}")
     for name in GRAPH_NAMES:
         g = manifest["graphs"].get(name)
-        if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs"} <= set(g):
+        if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs", "domains"} <= set(g):
             raise BundleError(f"{where}: manifest.json has no complete entry for graph {name!r}")
     schedules = manifest["sampling"].get("schedules", {})
     if str(manifest["sampling"].get("default_steps")) not in schedules:

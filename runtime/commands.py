@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from diffiml.runtime.errors import DiffimlError
 
 log = logging.getLogger(__name__)
@@ -52,16 +50,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
-    tp = float(np.logical_and(pred, truth).sum())
-    denom = float(pred.sum() + truth.sum())
-    return 1.0 if denom == 0 else 2 * tp / denom
-
-
 def localize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diffiml.runtime.image_io import load_image
+    from diffiml.runtime.metrics import pixel_f1
     from diffiml.runtime.outputs import write_outputs
 
     paths = expand_inputs(args.inputs)
@@ -97,7 +90,7 @@ def localize(args: argparse.Namespace) -> int:
                   "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
         if args.truth and len(paths) == 1:
             truth = load_image(args.truth).rgb[..., 0] >= 128
-            record["f1"] = round(_f1(result.mask, truth), 4)
+            record["f1"] = round(pixel_f1(result.mask, truth), 4)
         print(json.dumps(record), flush=True)
     if failures:
         print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)

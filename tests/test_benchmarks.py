@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffiml.benchmarks.metrics import auc, pixel_f1, summarize
 from diffiml.cli import main
@@ -27,7 +28,7 @@ def test_f1_and_auc_follow_their_definitions():
 
 def test_table4_writes_rows_with_the_documented_keys(tiny_bundle, tmp_path, capsys):
     code = main(["bench", "table4", "--config", "tiny", "--bundle", str(tiny_bundle), "--backends",
-                 "torch,torch-authors,ort-cpu,tensorrt", "--ensemble", "1,2", "--steps", "2", "--runs", "2",
+                 "torch,torch-authors,torch-fp16,ort-cpu,tensorrt", "--ensemble", "1,2", "--steps", "2", "--runs", "2",
                  "--warmup", "1", "--out", str(tmp_path)])
     assert code == 0
     rows = json.loads((tmp_path / "table4.json").read_text())
@@ -36,8 +37,27 @@ def test_table4_writes_rows_with_the_documented_keys(tiny_bundle, tmp_path, caps
     assert len(timed) == 6 and all(r["fps"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] for r in timed)
     skipped = [r for r in rows if r["backend"] == "tensorrt"]
     assert skipped and all(r["fps"] is None and r["skipped"] for r in skipped)
+    fp16 = [r for r in rows if r["backend"] == "torch-fp16"]
+    if torch.cuda.is_available():
+        assert all(r["fps"] > 0 and r["precision"] == "fp16" for r in fp16)
+    else:
+        assert len(fp16) == 2 and all(r["fps"] is None and "no CUDA" in r["skipped"] for r in fp16)
     md = (tmp_path / "table4.md").read_text()
     assert "paper (RTX 3090)" in md and "69.48" in md and md in capsys.readouterr().out
+
+
+def test_torch_fp16_baseline_runs_in_half_precision_end_to_end():
+    """The GPU's fp16 baseline, run on the CPU here: every stage must accept half inputs (no fp32 leaks)."""
+    from diffiml.benchmarks.table4 import _torch_backend
+    from diffiml.train.config import get_config
+    from diffiml.train.model import DiffIML
+
+    config = get_config("tiny")
+    model = DiffIML(config).eval()
+    stages = _torch_backend("torch-fp16", model, torch.randn(1, 3, config.image_size, config.image_size), steps=2,
+                            ensemble=2, device="cpu")()
+    assert set(stages) == {"encoder", "unet_steps", "decoder"}
+    assert next(model.parameters()).dtype == torch.float32  # the fp16 row works on a copy
 
 
 def test_table4_sizes_only_leaves_timings_null(tmp_path):

@@ -28,13 +28,14 @@ def test_manifest_describes_every_graph(tiny_bundle):
     assert len(manifest["checkpoint"]["sha256"]) == 64 and not manifest["checkpoint"]["path"].startswith("/")
 
 
-def test_graphs_match_torch_at_two_batch_sizes_random_weights():
+@pytest.mark.parametrize("attention", ["fused", "standard"])
+def test_graphs_match_torch_at_two_batch_sizes_random_weights(attention):
     torch.manual_seed(0)
     model = DiffIML(get_config("tiny")).eval()
     for name, (spec, module) in graph_specs(model).items():
         from diffiml.export.exporter import _export_one
 
-        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2})
+        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
         err = check_against_torch(spec, module, data, [{"images": 1, "members": 1, "latents": 1},
                                                        {"images": 3, "members": 6, "latents": 3}])
         assert err <= 1e-4, name
@@ -105,6 +106,25 @@ def test_bad_manifest_is_refused_with_a_clear_error(tiny_bundle, tmp_path, edit,
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=message):
         load_bundle(bad)
+
+
+def test_fused_attention_for_onnxruntime_standard_ops_for_tensorrt(tiny_run, tiny_bundle, tmp_path):
+    """The default bundle's UNet uses onnxruntime's fused attention; --attention standard writes plain ONNX ops
+    that compute the same; build-engines refuses the fused one, before it needs TensorRT."""
+    from diffiml.export.tensorrt_build import build_bundle_engines
+
+    fused = load_bundle(tiny_bundle)
+    assert fused.graph("unet").nonstandard_domains == ["com.microsoft"]
+    assert fused.manifest["attention"] == "fused"
+    export_bundle(tiny_run, tmp_path / "standard", attention="standard")
+    standard = load_bundle(tmp_path / "standard")
+    assert all(not standard.graph(g).nonstandard_domains for g in ("condition_encoder", "unet", "mask_decoder"))
+    spec, _ = graph_specs(load_diffiml(tiny_run)[0])["unet"]
+    feeds = {k: v.numpy() for k, v in spec.sample_inputs({"images": 2, "members": 6}).items()}
+    out = [ort.InferenceSession(str(b.graph("unet").path)).run(None, feeds)[0] for b in (fused, standard)]
+    np.testing.assert_allclose(out[0], out[1], atol=1e-5)
+    with pytest.raises(ValueError, match="--attention standard"):
+        build_bundle_engines(tiny_bundle, "fp16", 1)
 
 
 def test_baseline_checkpoints_do_not_export(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffiml.constants import LATENT_CHANNELS
@@ -18,12 +19,14 @@ from diffiml.train.model import DiffIML
 
 
 def _gmacs(fn: Any) -> tuple[float, float]:
-    """(all GMACs, GMACs of batched matmuls). In the UNet the only bmm is attention, which fvcore (the paper's
-    counter) did not see because the authors' UNet runs it as a fused op."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """(all GMACs, GMACs of attention). Attention is a fused op in the UNet (fvcore, the paper's counter, did not see
+    it there) and batched matmuls in the encoder; FlopCounterMode counts both."""
+    # The math backend runs attention as bmm, which the counter sees (CPU flash attention is not in its table).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         fn()
-    bmm = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "bmm" in str(k))
-    return counter.get_total_flops() / 2 / 1e9, bmm / 2 / 1e9
+    attention = sum(v for k, v in counter.get_flop_counts()["Global"].items()
+                    if "bmm" in str(k) or "scaled_dot_product" in str(k))
+    return counter.get_total_flops() / 2 / 1e9, attention / 2 / 1e9
 
 
 def _params_m(*modules: torch.nn.Module) -> float:
