@@ -56,6 +56,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True)
     c.set_defaults(handler=scaling)
 
+    u = bench.add_parser("unet-call", help="one UNet call: ours vs diffusers in torch, fused vs plain attention in ORT")
+    u.add_argument("--config", default="paper")
+    u.add_argument("--members", type=int, default=1)
+    u.add_argument("--runs", type=int, default=10)
+    u.add_argument("--warmup", type=int, default=2)
+    u.add_argument("--attention", default="fused,standard", help="ONNX attention forms to time")
+    u.add_argument("--out", required=True)
+    u.set_defaults(handler=unet_call)
+
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -142,5 +151,19 @@ def scaling(args: argparse.Namespace) -> int:
     md = to_markdown(result)
     _atomic_write(out / "scaling.md", md)
     plot(result, out / "scaling.png")
+    print(md)
+    return 0
+
+
+def unet_call(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.unet_call import bench_unet_call, to_markdown
+
+    rows = bench_unet_call(args.config, args.members, args.runs, args.warmup, tuple(args.attention.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}; config {args.config}; {args.runs} timed runs "
+                              f"after {args.warmup} warm-ups; random weights.\n")
+    _atomic_write(out / "unet_call.json", json.dumps(rows, indent=2))
+    _atomic_write(out / "unet_call.md", md)
     print(md)
     return 0

@@ -60,6 +60,14 @@ def test_torch_fp16_baseline_runs_in_half_precision_end_to_end():
     assert next(model.parameters()).dtype == torch.float32  # the fp16 row works on a copy
 
 
+def test_unet_call_times_every_implementation(tmp_path):
+    assert main(["bench", "unet-call", "--config", "tiny", "--runs", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "unet_call.json").read_text())
+    names = [r["implementation"] for r in rows]
+    assert all(any(word in n for n in names) for word in ("diffusers", "fused", "standard"))
+    assert all(r["latency_ms_p50"] > 0 for r in rows)
+
+
 def test_table4_sizes_only_leaves_timings_null(tmp_path):
     assert main(["bench", "table4", "--config", "tiny", "--sizes-only", "--backends", "ort-cpu",
                  "--out", str(tmp_path)]) == 0
