@@ -1,8 +1,9 @@
 """Attention as onnxruntime's fused ``com.microsoft.MultiHeadAttention`` in the exported UNet.
 
 Exported as plain ops, the UNet's attention is MatMul → Softmax → MatMul, and onnxruntime materializes every score:
-at 512² that is 16 × 4096² floats per ensemble member, so N = 5 needed over 24 GiB and ran ~8× slower than the fused
-operator, whose CPU kernel is a flash-attention loop (onnxruntime ≥ 1.19) and whose CUDA kernel is fused too.
+at 512² that is 16 × 4096² floats per ensemble member, so N = 5 needed over 24 GiB, and one member's step is slower
+than with the fused operator (``diffiml bench unet-call``), whose CPU kernel is a flash-attention loop and whose CUDA
+kernel is fused too.
 TensorRT's parser does not read this operator (TensorRT fuses the plain pattern itself), so ``--attention standard``
 keeps the plain ops for bundles meant for ``build-engines``.
 """
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from diffiml.train.unet import SelfAttention
+from diffiml.train.unet import SelfAttention, multi_head_attention
 
 ATTENTION_MODES = ("fused", "standard")
 FUSED_DOMAIN = "com.microsoft"
@@ -30,8 +31,6 @@ class _FusedMultiHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:  # noqa: ANN001
-        from diffiml.train.unet import multi_head_attention
-
         return multi_head_attention(q, k, v, heads)
 
     @staticmethod

@@ -23,7 +23,7 @@ import torch
 
 import diffiml
 from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
-from diffiml.export.attention import ATTENTION_MODES, FUSED_DOMAIN, attention_for_export
+from diffiml.export.attention import FUSED_DOMAIN, attention_for_export
 from diffiml.export.graphs import GraphSpec, graph_specs
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.schedule import ddim_plan
@@ -101,8 +101,6 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
 
     ``attention="fused"`` (for onnxruntime) writes the UNet's attention as one fused operator; "standard" keeps plain
     ONNX ops, which TensorRT's parser needs (``diffiml.export.attention``)."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, not {attention!r}")
     torch.manual_seed(0)
     model, ckpt = load_diffiml(checkpoint)
     cfg = model.config
