@@ -65,6 +65,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--out", required=True)
     u.set_defaults(handler=unet_call)
 
+    m = bench.add_parser("memory", help="peak resident memory of localizing one huge JPEG, in a fresh process")
+    m.add_argument("--bundle", default="engines/default")
+    m.add_argument("--size", type=int, default=20000, help="side of the square test JPEG in pixels")
+    m.add_argument("--out", required=True)
+    m.set_defaults(handler=memory)
+
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -166,4 +172,15 @@ def unet_call(args: argparse.Namespace) -> int:
     _atomic_write(out / "unet_call.json", json.dumps(rows, indent=2))
     _atomic_write(out / "unet_call.md", md)
     print(md)
+    return 0
+
+
+def memory(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.memory import peak_memory_of_localization
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = peak_memory_of_localization(args.bundle, args.size, out)
+    _atomic_write(out / "memory.json", json.dumps(result, indent=2))
+    print(json.dumps(result))
     return 0

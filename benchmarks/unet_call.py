@@ -16,7 +16,7 @@ def bench_unet_call(config_name: str, members: int, runs: int, warmup: int,
                     attentions: tuple[str, ...] = ("fused", "standard")) -> list[dict[str, Any]]:
     import torch
 
-    from diffiml.export.exporter import _export_one
+    from diffiml.export.exporter import export_graph
     from diffiml.export.graphs import graph_specs
     from diffiml.runtime.backends.ort_backend import ort_module, session_options
     from diffiml.train.config import get_config
@@ -31,7 +31,10 @@ def bench_unet_call(config_name: str, members: int, runs: int, warmup: int,
     rows: list[dict[str, Any]] = []
 
     def add(name: str, fn: Any) -> None:
-        timing = time_runs(lambda: (fn(), None)[1], runs, warmup)
+        def call() -> None:  # time_runs takes stage timings or None; one call has no stages
+            fn()
+
+        timing = time_runs(call, runs, warmup)
         rows.append({"implementation": name, "members": members, "image_size": config.image_size,
                      "latency_ms_p50": timing["latency_ms_p50"], "latency_ms_p90": timing["latency_ms_p90"]})
 
@@ -52,7 +55,7 @@ def bench_unet_call(config_name: str, members: int, runs: int, warmup: int,
     sizes = {"images": 1, "members": members}
     feeds = {k: v.numpy() for k, v in spec.sample_inputs(sizes).items()}
     for attention in attentions:
-        session = ort_module().InferenceSession(_export_one(spec, module, {"images": 2, "members": 4}, attention),
+        session = ort_module().InferenceSession(export_graph(spec, module, {"images": 2, "members": 4}, attention),
                                                 sess_options=session_options(), providers=["CPUExecutionProvider"])
         add(f"onnxruntime CPU: UNet step, --attention {attention}", lambda s=session: s.run(None, feeds))
     return rows

@@ -1,9 +1,8 @@
 """Attention as onnxruntime's fused ``com.microsoft.MultiHeadAttention`` in the exported UNet.
 
 Exported as plain ops, the UNet's attention is MatMul → Softmax → MatMul, and onnxruntime materializes every score:
-at 512² that is 16 × 4096² floats per ensemble member, so N = 5 needed over 24 GiB, and one member's step is slower
-than with the fused operator (``diffiml bench unet-call``), whose CPU kernel is a flash-attention loop and whose CUDA
-kernel is fused too.
+at 512² that is 16 × 4096² floats (1 GiB) per ensemble member, and a step is slower and erratic against the fused
+operator (``diffiml bench unet-call``), whose CPU kernel is a flash-attention loop and whose CUDA kernel is fused too.
 TensorRT's parser does not read this operator (TensorRT fuses the plain pattern itself), so ``--attention standard``
 keeps the plain ops for bundles meant for ``build-engines``.
 """

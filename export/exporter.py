@@ -51,7 +51,7 @@ def load_diffiml(checkpoint: str | Path) -> tuple[DiffIML, Path]:
     return model.eval(), ckpt
 
 
-def _export_one(spec: GraphSpec, module: torch.nn.Module, sizes: dict[str, int], attention: str = "fused") -> bytes:
+def export_graph(spec: GraphSpec, module: torch.nn.Module, sizes: dict[str, int], attention: str = "fused") -> bytes:
     sample = spec.sample_inputs(sizes)
     dynamic_axes = {
         t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*spec.inputs, *spec.outputs)
@@ -112,7 +112,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
     checks: dict[str, float] = {}
     for gname, (spec, module) in graph_specs(model).items():
         module.eval()
-        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
+        data = export_graph(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
         checks[gname] = check_against_torch(
             # Small batches: at the paper size one member's UNet attention alone holds 1 GiB per framework.
             spec, module, data, [{"images": 1, "members": 3, "latents": 1}, {"images": 2, "members": 4, "latents": 3}]

@@ -81,10 +81,10 @@ def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
                          ensemble: int | None = None) -> list[dict[str, Any]]:
     bundle = load_bundle(bundle_dir)
     for name in GRAPH_NAMES:
-        if bundle.graph(name).nonstandard_domains:
-            raise ValueError(f"{bundle_dir}: the {name} graph uses onnxruntime-only operators "
-                             f"({', '.join(bundle.graph(name).nonstandard_domains)}), which TensorRT's parser cannot "
-                             "read; export the bundle with `diffiml export --attention standard` for TensorRT")
+        if foreign := bundle.graph(name).nonstandard_domains:
+            raise ValueError(f"{bundle_dir}: the {name} graph uses onnxruntime-only operators ({', '.join(foreign)}), "
+                             "which TensorRT's parser cannot read; export the bundle with "
+                             "`diffiml export --attention standard` for TensorRT")
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"build-engines: {reason}")

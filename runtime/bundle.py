@@ -37,7 +37,7 @@ class GraphEntry:
     sha256: str
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
-    domains: tuple[str, ...] = ("",)  # "" is the standard ONNX domain
+    domains: tuple[str, ...]  # operator domains; "" is ONNX's own
 
     @property
     def nonstandard_domains(self) -> list[str]:

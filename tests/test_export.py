@@ -33,9 +33,9 @@ def test_graphs_match_torch_at_two_batch_sizes_random_weights(attention):
     torch.manual_seed(0)
     model = DiffIML(get_config("tiny")).eval()
     for name, (spec, module) in graph_specs(model).items():
-        from diffiml.export.exporter import _export_one
+        from diffiml.export.exporter import export_graph
 
-        data = _export_one(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
+        data = export_graph(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
         err = check_against_torch(spec, module, data, [{"images": 1, "members": 1, "latents": 1},
                                                        {"images": 3, "members": 6, "latents": 3}])
         assert err <= 1e-4, name
@@ -45,9 +45,9 @@ def test_a_graph_that_drifts_from_torch_fails_the_export():
     torch.manual_seed(0)
     model = DiffIML(get_config("tiny")).eval()
     spec, module = graph_specs(model)["mask_decoder"]
-    from diffiml.export.exporter import _export_one
+    from diffiml.export.exporter import export_graph
 
-    data = _export_one(spec, module, {"latents": 2})
+    data = export_graph(spec, module, {"latents": 2})
     with torch.no_grad():
         model.vae.decoder[-1].bias += 1.0  # torch changes after export: the check must catch it
     with pytest.raises(ExportError, match="max \\|diff\\|"):

@@ -49,7 +49,7 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     """Softmax attention over (B, S, C) tokens in ``heads`` heads -> (B, S, C), by the fused kernel.
 
     At 512² the latent grid has 4096 tokens: materializing 16 × 4096² scores per member (1 GiB in fp32) made the
-    explicit softmax(QKᵀ)V six times slower on CPU than ``scaled_dot_product_attention``."""
+    explicit softmax(QKᵀ)V several times slower on CPU than ``scaled_dot_product_attention``."""
     b, s, c = q.shape
     split = lambda t: t.reshape(b, -1, heads, c // heads).transpose(1, 2)  # noqa: E731
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, s, c)
