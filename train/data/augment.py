@@ -33,14 +33,16 @@ def inpaint_blob(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
     return cv2.inpaint(np.ascontiguousarray(image), region, 3, method)
 
 
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 RGB and (H, W) {0,1} mask -> augmented copies."""
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, inpaint: bool = True
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB and (H, W) {0,1} mask -> augmented copies. ``inpaint=False`` keeps removal by
+    inpainting out of training, so that a held-out inpainting set stays unseen."""
     image, mask = image.copy(), mask.copy()
     if rng.random() < 0.5:
         image, mask = image[:, ::-1].copy(), mask[:, ::-1].copy()
     if rng.random() < 0.1:
         paste_square(image, mask, rng)
-    if rng.random() < 0.1:
+    if rng.random() < 0.1 and inpaint:
         image = inpaint_blob(image, mask, rng)
     if rng.random() < 0.2:
         k = int(rng.choice([3, 5]))

@@ -28,11 +28,13 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
 
 
 class ForgeryDataset(Dataset):
-    def __init__(self, samples: list[Sample], image_size: int, train: bool = True, seed: int = 0) -> None:
+    def __init__(self, samples: list[Sample], image_size: int, train: bool = True, seed: int = 0,
+                 inpaint_augment: bool = True) -> None:
         if not samples:
             raise ValueError("the dataset is empty: no readable [image, mask] rows")
         self.samples, self.size, self.train, self.seed = samples, image_size, train, seed
         self.epoch = 0
+        self.inpaint_augment = inpaint_augment
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -54,7 +56,7 @@ class ForgeryDataset(Dataset):
         image, mask = self._load(index)
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, mask = augment(image, mask, rng)
+            image, mask = augment(image, mask, rng, inpaint=self.inpaint_augment)
         image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
         mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
         edge = edge_map(mask)

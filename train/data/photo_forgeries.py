@@ -1,0 +1,357 @@
+"""Training forgeries made from real photographs: splicing, copy-move and removal, with the processing chains that
+real forgeries carry (different JPEG histories for donor and host, resampling, feathered edges, colour matching,
+local and global post-processing), plus authentic images with empty masks.
+
+Photos are split by source before anything is made (a stable hash of the file's path under the photo folder): a
+photo that feeds ``train.json`` never appears in ``test.json`` or ``holdout.json``. ``holdout_type`` (removal by
+inpainting, by default) is made only from the evaluation photos and never enters ``train.json``.
+
+BSDS500 photos come with human segmentations (16-bit label maps); their segments give object-shaped regions. Other
+photos get random blobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diffiml.train.data.augment import jpeg
+
+PHOTO_MANIPULATIONS = ("splice", "copymove", "inpaint")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MAX_SIDE = 768  # photos are brought to at most this long side first, as a camera pipeline would
+MIN_AREA, MAX_AREA = 0.01, 0.3  # fraction of the image a manipulated region covers
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path
+    segments: Path | None  # 16-bit label map of the same size (BSDS500), or None
+
+
+def find_photos(root: str | Path) -> list[Photo]:
+    """Every image under ``root`` (segment maps excluded), with its BSDS500 segmentation when there is one."""
+    root = Path(root)
+    photos = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or "segments" in path.relative_to(root).parts:
+            continue
+        rel = path.relative_to(root).parts
+        seg = None
+        if "images" in rel:
+            i = rel.index("images")
+            candidate = root.joinpath(*rel[:i], "segments", *rel[i + 1 : -1], path.stem + ".png")
+            seg = candidate if candidate.is_file() else None
+        photos.append(Photo(path, seg))
+    if not photos:
+        raise ValueError(f"{root}: no photographs found")
+    return photos
+
+
+def is_eval_photo(photo: Photo, root: Path, eval_fraction: float) -> bool:
+    """A stable split by source photo: the same photo lands on the same side on every machine and every run."""
+    key = photo.path.relative_to(root).as_posix().encode()
+    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 0xFFFFFFFF < eval_fraction
+
+
+def read_photo(photo: Photo) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB uint8 at most MAX_SIDE long, and its segment labels (same size) or None."""
+    bgr = cv2.imread(str(photo.path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{photo.path}: not a readable image")
+    image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    labels = cv2.imread(str(photo.segments), cv2.IMREAD_UNCHANGED) if photo.segments else None
+    if labels is not None and labels.shape[:2] != image.shape[:2]:
+        labels = None
+    scale = MAX_SIDE / max(image.shape[:2])
+    if scale < 1:
+        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        if labels is not None:
+            labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    return image, labels
+
+
+def blob_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """An organic random region: smoothed noise thresholded, its largest component; {0,1} uint8."""
+    grid = rng.normal(size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)))).astype(np.float32)
+    field = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+    field += rng.normal(0, 0.15, (h, w)).astype(np.float32) * (rng.random() < 0.3)
+    area = rng.uniform(MIN_AREA * 2, MAX_AREA * 0.8)
+    region = (field > np.quantile(field, 1 - area)).astype(np.uint8)
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
+    if n > 2:
+        region = (comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    return region
+
+
+def object_mask(labels: np.ndarray | None, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """One human-segmented object of a reasonable size, or a random blob."""
+    if labels is not None and rng.random() < 0.85:
+        ids, counts = np.unique(labels, return_counts=True)
+        frac = counts / labels.size
+        good = ids[(frac >= MIN_AREA) & (frac <= MAX_AREA)]
+        if good.size:
+            region = (labels == rng.choice(good)).astype(np.uint8)
+            return cv2.morphologyEx(region, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    return blob_mask(rng, h, w)
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def transform_patch(patch: np.ndarray, region: np.ndarray, rng: np.random.Generator, scale: float,
+                    max_angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a cut-out (and its region) by scale, rotation and a possible flip, on a canvas that holds it all."""
+    h, w = region.shape
+    angle = float(rng.uniform(-max_angle, max_angle)) if rng.random() < 0.5 else 0.0
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float64) @ m.T
+    lo, hi = corners.min(0), corners.max(0)
+    m[:, 2] -= lo
+    size = (max(1, int(np.ceil(hi[0] - lo[0]))), max(1, int(np.ceil(hi[1] - lo[1]))))
+    interp = int(rng.choice([cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_NEAREST, cv2.INTER_AREA]))
+    out = cv2.warpAffine(patch, m, size, flags=interp, borderMode=cv2.BORDER_REFLECT)
+    mask = cv2.warpAffine(region.astype(np.float32), m, size, flags=cv2.INTER_LINEAR) > 0.5
+    if rng.random() < 0.5:
+        out, mask = out[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(out), np.ascontiguousarray(mask.astype(np.uint8))
+
+
+def match_colour(patch: np.ndarray, region: np.ndarray, host: np.ndarray, strength: float) -> np.ndarray:
+    """Move the patch's Lab mean and spread toward the host's, as a forger's colour correction does."""
+    src = cv2.cvtColor(patch, cv2.COLOR_RGB2LAB).astype(np.float32)
+    dst = cv2.cvtColor(host, cv2.COLOR_RGB2LAB).astype(np.float32).reshape(-1, 3)
+    inside = src[region > 0]
+    if inside.size == 0:
+        return patch
+    mu_s, sd_s = inside.mean(0), inside.std(0) + 1e-3
+    mu_d, sd_d = dst.mean(0), dst.std(0) + 1e-3
+    matched = (src - mu_s) * (sd_d / sd_s) + mu_d
+    out = src + strength * (matched - src)
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def local_processing(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Blur, sharpen or noise on the pasted content only."""
+    r = rng.random()
+    if r < 0.3:
+        return cv2.GaussianBlur(patch, (0, 0), float(rng.uniform(0.4, 1.5)))
+    if r < 0.5:
+        noise = rng.normal(0, rng.uniform(2, 8), patch.shape)
+        return np.clip(patch + noise, 0, 255).astype(np.uint8)
+    if r < 0.6:
+        soft = cv2.GaussianBlur(patch, (0, 0), 1.0)
+        return cv2.addWeighted(patch, 1.6, soft, -0.6, 0)
+    return patch
+
+
+def composite(host: np.ndarray, patch: np.ndarray, region: np.ndarray, y: int, x: int, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Paste ``patch`` (where ``region``) at (y, x) with a hard or feathered edge; returns the image and the mask."""
+    h, w = region.shape
+    alpha = region.astype(np.float32)
+    if rng.random() < 0.6:
+        alpha = cv2.GaussianBlur(alpha, (0, 0), float(rng.uniform(0.5, 3.0)))
+    out = host.astype(np.float32)
+    window = out[y : y + h, x : x + w]
+    window[:] = window * (1 - alpha[..., None]) + patch.astype(np.float32) * alpha[..., None]
+    mask = np.zeros(host.shape[:2], np.uint8)
+    mask[y : y + h, x : x + w] = alpha > 0.5
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def _fit_and_place(host: np.ndarray, patch: np.ndarray, region: np.ndarray, rng: np.random.Generator,
+                   avoid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Shrink a cut-out to fit the host if needed and paste it at a random place (away from ``avoid``)."""
+    H, W = host.shape[:2]
+    h, w = region.shape
+    if h > H or w > W:
+        s = 0.95 * min(H / h, W / w)
+        size = (max(1, int(w * s)), max(1, int(h * s)))
+        patch = cv2.resize(patch, size, interpolation=cv2.INTER_AREA)
+        region = cv2.resize(region, size, interpolation=cv2.INTER_NEAREST)
+        h, w = region.shape
+    if region.sum() < MIN_AREA * H * W * 0.5:
+        return None
+    for _ in range(10):
+        y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+        if avoid is None or (avoid[y : y + h, x : x + w] & region).mean() < 0.3 * region.mean():
+            return composite(host, patch, region, y, x, rng)
+    return None
+
+
+def splice(host: np.ndarray, donor: np.ndarray, donor_labels: np.ndarray | None, rng: np.random.Generator
+           ) -> tuple[np.ndarray, np.ndarray] | None:
+    H, W = host.shape[:2]
+    region = object_mask(donor_labels, rng, *donor.shape[:2])
+    if region.sum() == 0:
+        return None
+    y0, y1, x0, x1 = _bbox(region)
+    target = rng.uniform(MIN_AREA * 2, MAX_AREA * 0.8) * H * W
+    scale = float(np.clip(np.sqrt(target / region.sum()), 0.3, 2.5))
+    patch, cut = transform_patch(donor[y0:y1, x0:x1], region[y0:y1, x0:x1], rng, scale, max_angle=25)
+    if rng.random() < 0.5:
+        patch = match_colour(patch, cut, host, float(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.4:
+        patch = local_processing(patch, rng)
+    return _fit_and_place(host, patch, cut, rng)
+
+
+def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator, mark_source: bool
+              ) -> tuple[np.ndarray, np.ndarray] | None:
+    region = object_mask(labels, rng, *host.shape[:2])
+    if region.sum() == 0:
+        return None
+    y0, y1, x0, x1 = _bbox(region)
+    patch, cut = transform_patch(host[y0:y1, x0:x1], region[y0:y1, x0:x1], rng, float(rng.uniform(0.7, 1.3)),
+                                 max_angle=45)
+    if rng.random() < 0.3:
+        patch = local_processing(patch, rng)
+    placed = _fit_and_place(host, patch, cut, rng, avoid=region)
+    if placed is None:
+        return None
+    image, mask = placed
+    if mark_source:
+        mask = np.maximum(mask, region)
+    return image, mask
+
+
+def removal(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray] | None:
+    region = object_mask(labels, rng, *host.shape[:2])
+    if region.sum() == 0:
+        return None
+    region = cv2.dilate(region, np.ones((5, 5), np.uint8))
+    method = cv2.INPAINT_TELEA if rng.random() < 0.5 else cv2.INPAINT_NS
+    return cv2.inpaint(host, region, int(rng.integers(3, 8)), method), region
+
+
+def camera_history(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random crop and the JPEG the photo was saved as before anyone touched it."""
+    if rng.random() < 0.5:
+        h, w = image.shape[:2]
+        s = rng.uniform(0.6, 1.0)
+        ch, cw = max(64, int(h * s)), max(64, int(w * s))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        image = image[y : y + ch, x : x + cw]
+    if rng.random() < 0.8:
+        image = jpeg(image, int(rng.integers(60, 101)))
+    return np.ascontiguousarray(image)
+
+
+def post_processing(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """What happens to a forgery after the edit: resampling, blur, noise (the final save comes after)."""
+    if rng.random() < 0.3:
+        s = rng.uniform(0.5, 1.0)
+        size = (max(64, int(image.shape[1] * s)), max(64, int(image.shape[0] * s)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    if rng.random() < 0.15:
+        image = cv2.GaussianBlur(image, (0, 0), float(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.15:
+        image = np.clip(image + rng.normal(0, rng.uniform(1, 4), image.shape), 0, 255).astype(np.uint8)
+    return image, mask
+
+
+def encode(image: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
+    """The final save: JPEG at a random quality, or lossless PNG."""
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    if rng.random() < 0.6:
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 101))])
+        suffix = ".jpg"
+    else:
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        suffix = ".png"
+    if not ok:
+        raise OSError("could not encode an image")
+    return buf.tobytes(), suffix
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: int = 0,
+                         holdout_type: str | None = "inpaint", authentic_rate: float = 0.2,
+                         eval_fraction: float = 0.15, copymove_marks_source: bool = True,
+                         progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Write ``n`` forgeries (and authentic images) under ``out`` with train.json, test.json and holdout.json.
+
+    Returns the number of rows per list and the number of photos on each side of the split.
+    """
+    if holdout_type is not None and holdout_type not in PHOTO_MANIPULATIONS:
+        raise ValueError(f"unknown --holdout-type {holdout_type!r}; choose one of {PHOTO_MANIPULATIONS}")
+    root, out = Path(photo_root), Path(out)
+    photos = find_photos(root)
+    sides = {"train": [p for p in photos if not is_eval_photo(p, root, eval_fraction)],
+             "eval": [p for p in photos if is_eval_photo(p, root, eval_fraction)]}
+    if not sides["train"] or not sides["eval"]:
+        raise ValueError(f"{root}: too few photos to split into training and evaluation sources")
+    (out / "Tp").mkdir(parents=True, exist_ok=True)
+    (out / "Gt").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lists: dict[str, list[list[str]]] = {"train": [], "test": [], "holdout": []}
+    cache: dict[Path, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def load(photo: Photo) -> tuple[np.ndarray, np.ndarray | None]:
+        if photo.path not in cache:
+            if len(cache) > 64:
+                cache.pop(next(iter(cache)))
+            cache[photo.path] = read_photo(photo)
+        return cache[photo.path]
+
+    i = 0
+    while i < n:
+        side = "eval" if rng.random() < eval_fraction else "train"
+        pool = sides[side]
+        host_photo = pool[int(rng.integers(len(pool)))]
+        host_full, labels = load(host_photo)
+        kinds = [k for k in PHOTO_MANIPULATIONS if side == "eval" or k != holdout_type]
+        kind = "authentic" if rng.random() < authentic_rate else str(rng.choice(kinds))
+        host = camera_history(host_full, rng)
+        if host.shape[:2] != host_full.shape[:2]:
+            labels = None  # a cropped host loses its segment map (it only guides region shapes)
+        if kind == "authentic":
+            result: tuple[np.ndarray, np.ndarray] | None = (host, np.zeros(host.shape[:2], np.uint8))
+        elif kind == "splice":
+            donor_photo = pool[int(rng.integers(len(pool)))]
+            donor, donor_labels = load(donor_photo)
+            if rng.random() < 0.8:
+                donor = jpeg(donor, int(rng.integers(50, 101)))
+            result = splice(host, donor, donor_labels, rng)
+        elif kind == "copymove":
+            result = copy_move(host, labels, rng, copymove_marks_source)
+        else:
+            result = removal(host, labels, rng)
+        if result is None:
+            continue
+        image, mask = post_processing(*result, rng)
+        data, suffix = encode(image, rng)
+        stem = f"{i:05d}_{kind}"
+        _write_atomic(out / "Tp" / f"{stem}{suffix}", data)
+        row = [f"Tp/{stem}{suffix}", "Negative"]
+        if kind != "authentic":
+            ok, buf = cv2.imencode(".png", mask * 255)
+            _write_atomic(out / "Gt" / f"{stem}.png", buf.tobytes())
+            row[1] = f"Gt/{stem}.png"
+        split = "train" if side == "train" else ("holdout" if kind == holdout_type else "test")
+        lists[split].append(row)
+        if progress:
+            progress(i)
+        i += 1
+    for name, rows in lists.items():
+        _write_atomic(out / f"{name}.json", json.dumps(rows, indent=0).encode())
+    return {**{k: len(v) for k, v in lists.items()},
+            "train_photos": len(sides["train"]), "eval_photos": len(sides["eval"])}
