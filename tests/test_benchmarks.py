@@ -154,3 +154,17 @@ def test_eval_scores_a_baseline_checkpoint_the_same_way(synthetic_set, tmp_path,
     assert main(["eval", "--baseline", str(tmp_path), "--data", str(synthetic_set / "holdout.json"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["datasets"]
     assert 0 <= row["f1"] <= 1 and row["n"] > 0
+
+
+def test_curve_scores_every_snapshot_of_a_run(synthetic_set, tmp_path):
+    data = str(synthetic_set / "train.json")
+    common = ["--config", "tiny", "--data", data, "--batch-size", "2", "--checkpoint-every", "2"]
+    assert main(["train-vae", *common, "--steps", "2", "--out", str(tmp_path / "vae")]) == 0
+    assert main(["train", *common, "--steps", "4", "--snapshot-every", "2", "--vae", str(tmp_path / "vae"),
+                 "--out", str(tmp_path / "run")]) == 0
+    assert main(["bench", "curve", str(tmp_path / "run"), "--data", str(synthetic_set / "test.json"),
+                 "--name", "t", "--limit", "2", "--out", str(tmp_path / "curve")]) == 0
+    rows = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4]
+    assert rows[0]["datasets"][0]["name"] == "t" and rows[0]["datasets"][0]["n"] <= 2
+    assert rows[0]["datasets"][0] != rows[1]["datasets"][0]  # two different models were really scored

@@ -70,3 +70,20 @@ def test_two_process_ddp_smoke_run(synthetic_set, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     state = json.loads((tmp_path / "ddp/checkpoint/trainer_state.json").read_text())
     assert state == {**state, "step": 2, "world_size": 2}
+
+
+def test_a_new_model_reuses_the_lightvae_of_a_diffiml_checkpoint(tmp_path):
+    from diffiml.train.checkpoint import load_lightvae, save_checkpoint
+    from diffiml.train.config import get_config
+    from diffiml.train.light_vae import LightVAE
+    from diffiml.train.model import DiffIML
+
+    config = get_config("tiny")
+    source = DiffIML(config)
+    save_checkpoint(tmp_path / "run", source, {"kind": "diffiml", "model": config.to_json()})
+    vae = LightVAE(config.vae_channels)
+    load_lightvae(tmp_path / "run", vae)
+    for key, value in source.vae.state_dict().items():
+        assert torch.equal(vae.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="does not fit"):
+        load_lightvae(tmp_path / "run", LightVAE([4, 8, 16]))

@@ -114,7 +114,7 @@ def load_lightvae(path: str | Path, vae: nn.Module) -> None:
     stored = load_file(str(ckpt / "model.safetensors"))
     weights = {k.removeprefix("vae."): v for k, v in stored.items() if k.startswith("vae.")}
     reference = vae.state_dict()
-    if set(weights) != set(reference):
+    if set(weights) != set(reference) or any(v.shape != reference[k].shape for k, v in weights.items()):
         raise CheckpointError(f"{ckpt}: its LightVAE does not fit this config")
     vae.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
 
