@@ -96,9 +96,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from diffiml.train.data.readers import read_dataset
 
     if args.baseline:
-        from diffiml.export.reference import BaselineLocalizer
+        from diffiml.benchmarks.baseline import BaselinePredictor
 
-        localizer: Localizer = BaselineLocalizer(args.baseline)
+        localizer = BaselinePredictor(args.baseline)
     else:
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed)

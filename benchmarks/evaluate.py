@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -13,6 +14,9 @@ from diffiml.benchmarks.metrics import auc, pixel_f1, pixel_iou, summarize
 from diffiml.runtime.image_io import load_image, to_rgb8
 from diffiml.runtime.localizer import Localizer
 from diffiml.train.data.readers import read_mask
+
+if TYPE_CHECKING:
+    from diffiml.benchmarks.baseline import BaselinePredictor
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +31,10 @@ def read_truth(path: Path | None, height: int, width: int) -> np.ndarray:
     return truth
 
 
-def evaluate(localizer: Localizer, samples: list, name: str,
+def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
              perturb: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, list[dict]]:
-    """samples: ``diffiml.train.data.readers.Sample`` rows. ``perturb`` degrades each image first (robustness)."""
+    """samples: ``diffiml.train.data.readers.Sample`` rows. ``perturb`` degrades each image first (robustness).
+    ``localizer``: a bundle's Localizer or the Table 5 baseline; both give ``probability`` and ``score``."""
     rows = []
     for sample in tqdm(samples, desc=f"eval {name}", unit="img", leave=False):
         try:

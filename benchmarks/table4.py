@@ -67,8 +67,9 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
     """The PyTorch pipeline on the model's device and dtype; ``unet`` replaces ``model.unet``'s call (compiled)."""
     import torch
 
-    from diffiml.constants import CLIP_SAMPLE_RANGE, LATENT_CHANNELS
+    from diffiml.constants import LATENT_CHANNELS
     from diffiml.schedule import ddim_plan, ensemble_noise
+    from diffiml.train.ddim import ddim_update
 
     plan = ddim_plan(steps)
     h = image.shape[-1] // 8
@@ -92,7 +93,7 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
             for t, c0, ct, sa in plan.steps():
                 feats = model.unet.condition_features(cond) if authors_order else hoisted
                 z0 = unet(z, torch.full((z.shape[0],), t, dtype=torch.int64, device=z.device), feats)
-                z = c0 * z0.clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE) + ct * (z - sa * z0)
+                z = ddim_update(z, z0, c0, ct, sa)
             finals.append(z)
         z = torch.stack(finals).mean(0) if authors_order else z.view(image.shape[0], ensemble, *z.shape[1:]).mean(1)
         sync()

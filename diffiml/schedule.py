@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffiml.constants import BETA_END, BETA_START, CLIP_SAMPLE_RANGE, NUM_TRAIN_TIMESTEPS
+from diffiml.constants import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
 
 
 def alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -68,13 +68,6 @@ def ddim_plan(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Ddi
     coef_xt = np.sqrt(1.0 - a_prev) / np.sqrt(1.0 - a_t)
     f32 = np.float32
     return DdimPlan(timesteps, np.sqrt(a_prev).astype(f32), coef_xt.astype(f32), np.sqrt(a_t).astype(f32))
-
-
-def ddim_step(z0_hat: np.ndarray, z_t: np.ndarray, coef_x0: float, coef_xt: float, sqrt_alpha: float
-              ) -> np.ndarray:
-    """One deterministic DDIM update (eta = 0) for a model that predicts z0."""
-    z0 = np.clip(z0_hat, -CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE)
-    return (coef_x0 * z0 + coef_xt * (z_t - sqrt_alpha * z0_hat)).astype(z_t.dtype, copy=False)
 
 
 def ensemble_noise(seed: int, members: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffiml.constants import CLIP_SAMPLE_RANGE, LATENT_CHANNELS
+from diffiml.constants import LATENT_CHANNELS
+from diffiml.train.ddim import ddim_update
 from diffiml.train.model import DiffIML
 
 
@@ -31,7 +32,7 @@ class ConditionEncoderGraph(nn.Module):
 class UNetStepGraph(nn.Module):
     """One DDIM step (eta = 0): latents (B·N, 8, h, w), cond_features (B, C, h, w), timestep, coef_x0, coef_xt,
     sqrt_alpha (each (1,)) -> next latents (B·N, 8, h, w). The runtime's loop is then engine calls only.
-    The update is ``diffiml.schedule.ddim_step``."""
+    The update is ``diffiml.train.ddim.ddim_update``."""
 
     def __init__(self, model: DiffIML) -> None:
         super().__init__()
@@ -40,7 +41,7 @@ class UNetStepGraph(nn.Module):
     def forward(self, latents: torch.Tensor, cond_features: torch.Tensor, timestep: torch.Tensor,
                 coef_x0: torch.Tensor, coef_xt: torch.Tensor, sqrt_alpha: torch.Tensor) -> torch.Tensor:
         z0 = self.unet(latents, timestep, cond_features)
-        return coef_x0 * z0.clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE) + coef_xt * (latents - sqrt_alpha * z0)
+        return ddim_update(latents, z0, coef_x0, coef_xt, sqrt_alpha)
 
 
 class MaskDecoderGraph(nn.Module):

@@ -18,6 +18,14 @@ from diffiml.schedule import DdimPlan
 FORMAT_VERSION = 2  # 2: graphs list the operator domains they use (fused attention is com.microsoft)
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
 SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
+# The tensors the runtime feeds and reads, per graph (inputs, outputs); a bundle naming others is refused.
+GRAPH_IO = {
+    "condition_encoder": (("image",), ("cond_features",)),
+    "unet": (("latents", "cond_features", "timestep", "coef_x0", "coef_xt", "sqrt_alpha"), ("next_latents",)),
+    "mask_decoder": (("latents",), ("probability",)),
+}
+# The preprocessing this runtime implements (runtime/image_io.py:preprocess); a bundle asking for other is refused.
+SUPPORTED_INPUT = {"layout": "NCHW", "color": "RGB", "resize": "area"}
 _REQUIRED = ("format_version", "name", "model", "input", "latent", "sampling", "graphs", "opset", "producer",
              "checkpoint")
 
@@ -71,6 +79,11 @@ class Bundle:
         return list(self.manifest["input"]["std"])
 
     @property
+    def scale(self) -> float:
+        """What a uint8 pixel is multiplied by before mean and std are applied."""
+        return float(self.manifest["input"]["scale"])
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         lat = self.manifest["latent"]
         return int(lat["channels"]), int(lat["size"][0]), int(lat["size"][1])
@@ -90,11 +103,10 @@ class Bundle:
                               f"(available: {sorted(int(k) for k in schedules)}); re-export with --steps")
         return DdimPlan.from_json(schedules[str(steps)])
 
-    def graph(self, name: str, precision: str = "fp32") -> GraphEntry:
-        graphs = self.manifest["graphs"] if precision == "fp32" else self.manifest.get("variants", {}).get(precision)
-        if not graphs or name not in graphs:
-            raise BundleError(f"{self.root}: the manifest has no {precision} {name} graph")
-        g = graphs[name]
+    def graph(self, name: str) -> GraphEntry:
+        g = self.manifest["graphs"].get(name)
+        if g is None:
+            raise BundleError(f"{self.root}: the manifest has no {name} graph")
         return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"], tuple(g["domains"]))
 
     def checkpoint_path(self) -> Path:
@@ -124,6 +136,17 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         g = manifest["graphs"].get(name)
         if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs", "domains"} <= set(g):
             raise BundleError(f"{where}: manifest.json has no complete entry for graph {name!r}")
+        names = (tuple(t.get("name") for t in g["inputs"]), tuple(t.get("name") for t in g["outputs"]))
+        if names != GRAPH_IO[name]:
+            raise BundleError(f"{where}: graph {name!r} has tensors {names}, but this runtime feeds and reads "
+                              f"{GRAPH_IO[name]}")
+    spec = manifest["input"]
+    asked = {k: spec.get(k) for k in SUPPORTED_INPUT}
+    if asked != SUPPORTED_INPUT or not all(k in spec for k in ("size", "scale", "mean", "std")):
+        raise BundleError(f"{where}: input preprocessing {asked} is not what this runtime implements "
+                          f"({SUPPORTED_INPUT}, with size, scale, mean and std)")
+    if not (isinstance(spec["scale"], int | float) and spec["scale"] > 0):
+        raise BundleError(f"{where}: input scale {spec['scale']!r} is not a positive number")
     schedules = manifest["sampling"].get("schedules", {})
     if str(manifest["sampling"].get("default_steps")) not in schedules:
         raise BundleError(f"{where}: manifest.json has no schedule for its default step count")

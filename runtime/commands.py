@@ -8,6 +8,7 @@ import argparse
 import glob
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,17 +62,22 @@ def localize(args: argparse.Namespace) -> int:
     if not paths:
         raise DiffimlError("no input images matched")
     if args.reference is not None:
-        from diffiml.export.reference import ReferenceLocalizer  # the only path that imports torch
+        from diffiml.export.reference import open_reference  # the only path that imports torch
 
-        localizer = ReferenceLocalizer.open(args.bundle, args.reference or None, steps=args.steps,
-                                            ensemble=args.ensemble, tta=args.tta, seed=args.seed,
-                                            uncertainty=args.uncertainty)
+        localizer = open_reference(args.bundle, args.reference or None, steps=args.steps, ensemble=args.ensemble,
+                                   tta=args.tta, seed=args.seed, uncertainty=args.uncertainty)
     else:
         from diffiml.runtime.localizer import Localizer
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty)
     out = Path(args.out)
+    try:  # an unusable --out is one line before any work, not one failure per image
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiffimlError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise DiffimlError(f"{out}: the output folder is not writable")
     failures = 0
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
@@ -82,7 +88,7 @@ def localize(args: argparse.Namespace) -> int:
         except (DiffimlError, ValueError, OSError) as exc:
             failures += 1
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            print(f"diffiml localize: {message}", file=sys.stderr)
+            tqdm.write(f"diffiml localize: {message}", file=sys.stderr)  # on its own line, not after the bar
             continue
         record = {"path": str(path), "score": round(result.score, 4),
                   "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": localizer.backend,

@@ -118,11 +118,13 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
     return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
 
 
-def preprocess(images: list[np.ndarray], size: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """RGB uint8 images of any size -> (B, 3, size, size) float32, ImageNet-normalized (area resize, as in
-    training). A 20000x20000 input is downscaled here, so the model never sees more than size x size."""
+def preprocess(images: list[np.ndarray], size: int, mean: list[float], std: list[float], scale: float = 1 / 255
+               ) -> np.ndarray:
+    """RGB uint8 images of any size -> (B, 3, size, size) float32 NCHW: area resize (as in training), x ``scale``,
+    then mean and std (the bundle's ``input``). A 20000x20000 input is downscaled here, so the model never sees
+    more than size x size."""
     out = np.empty((len(images), 3, size, size), np.float32)
-    scale = np.float32(1 / 255)
+    scale = np.float32(scale)
     m = np.asarray(mean, np.float32)[:, None, None]
     s = np.asarray(std, np.float32)[:, None, None]
     for i, img in enumerate(images):

@@ -21,13 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from diffiml.runtime.backends.base import Engine
+from diffiml.runtime.backends import open_backend
+from diffiml.runtime.backends.base import Backend
 from diffiml.runtime.bundle import Bundle, load_bundle
-from diffiml.runtime.errors import BackendUnavailableError
 from diffiml.runtime.image_io import DecodedImage, ImageInput, load_image, preprocess, resize_probability
 from diffiml.schedule import ensemble_noise
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 SCORE_TOP_FRACTION = 0.005
 
 
@@ -71,34 +70,14 @@ class LocalizationResult:
         return float((self.model_probability >= 0.5).mean())
 
 
-def _engines(bundle: Bundle, backend: str, threads: int | None) -> tuple[dict[str, Engine], object | None, str]:
-    """(engines by graph name, an optional device step loop, the backend actually chosen)."""
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in ("auto", "tensorrt"):
-        from diffiml.runtime.backends import tensorrt_backend
-
-        if tensorrt_backend.available():
-            engines, loop = tensorrt_backend.open_engines(bundle)
-            return engines, loop, "tensorrt"
-        if backend == "tensorrt":
-            raise BackendUnavailableError(f"tensorrt: {tensorrt_backend.unavailable_reason()}")
-    from diffiml.runtime.backends.ort_backend import OrtCudaStepLoop, OrtEngine, cuda_available
-
-    device = "cuda" if backend == "ort-cuda" or (backend == "auto" and cuda_available()) else "cpu"
-    engines = {name: OrtEngine(bundle.graph(name), device, threads)
-               for name in ("condition_encoder", "unet", "mask_decoder")}
-    loop = OrtCudaStepLoop(engines["unet"]) if device == "cuda" else None
-    return engines, loop, f"ort-{device}"
-
-
 class Localizer:
-    def __init__(self, bundle: Bundle, engines: dict[str, Engine], step_loop: object | None, backend: str,
-                 steps: int, ensemble: int, tta: bool, seed: int, uncertainty: bool) -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, steps: int, ensemble: int, tta: bool, seed: int,
+                 uncertainty: bool) -> None:
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
-        self.bundle, self.engines, self.backend = bundle, engines, backend
-        self.step_loop = step_loop
+        self.bundle = bundle
+        self.backend = backend.name
+        self.engines, self.step_loop = backend.engines, backend.step_loop
         self.steps, self.ensemble, self.tta, self.seed, self.uncertainty = steps, ensemble, tta, seed, uncertainty
         self.plan = bundle.plan(steps)
         self._timesteps = self.plan.timesteps.astype(np.float32)
@@ -111,8 +90,7 @@ class Localizer:
              tta: bool = False, seed: int = 0, uncertainty: bool = False, threads: int | None = None) -> Localizer:
         """Load and verify a bundle (sha256 of every graph) and its engines for ``backend``."""
         bundle = load_bundle(bundle_dir)
-        engines, loop, chosen = _engines(bundle, backend, threads)
-        return Localizer(bundle, engines, loop, chosen, steps or bundle.default_steps,
+        return Localizer(bundle, open_backend(bundle, backend, threads), steps or bundle.default_steps,
                          ensemble or bundle.default_ensemble, tta, seed, uncertainty)
 
     def localize(self, image: ImageInput | DecodedImage) -> LocalizationResult:
@@ -123,7 +101,7 @@ class Localizer:
         size = self.bundle.image_size
         decoded = [im if isinstance(im, DecodedImage) else load_image(im, size) for im in images]
         t1 = time.perf_counter()
-        x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std)
+        x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
         t2 = time.perf_counter()
         prob, unc, stage = self._infer(x)
         t3 = time.perf_counter()
@@ -169,14 +147,4 @@ class Localizer:
 
     def _denoise(self, latents: np.ndarray, cond: np.ndarray) -> np.ndarray:
         p = self.plan
-        if self.step_loop is not None:
-            return self.step_loop(  # type: ignore[operator]
-                latents, cond, self._timesteps, p.coef_x0, p.coef_xt, p.sqrt_alpha)
-        unet = self.engines["unet"]
-        z = latents
-        for k in range(len(self._timesteps)):
-            z = unet.run({"latents": z, "cond_features": cond, "timestep": self._timesteps[k : k + 1],
-                          "coef_x0": p.coef_x0[k : k + 1], "coef_xt": p.coef_xt[k : k + 1],
-                          "sqrt_alpha": p.sqrt_alpha[k : k + 1]})["next_latents"]
-            z = z.copy() if k + 1 < len(self._timesteps) else z  # the engine reuses its output buffer
-        return np.array(z, copy=True)
+        return self.step_loop(latents, cond, self._timesteps, p.coef_x0, p.coef_xt, p.sqrt_alpha)

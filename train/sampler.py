@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffiml.constants import CLIP_SAMPLE_RANGE, LATENT_CHANNELS
+from diffiml.constants import LATENT_CHANNELS
 from diffiml.schedule import ddim_plan, ensemble_noise
+from diffiml.train.ddim import ddim_update
 from diffiml.train.model import DiffIML
 
 
@@ -33,7 +34,7 @@ def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int
     for t, c_x0, c_xt, sqrt_alpha in plan.steps():
         timestep = torch.full((b * n,), t, dtype=torch.int64, device=image.device)
         z0 = model.unet(z, timestep, cond)
-        z = c_x0 * z0.clamp(-CLIP_SAMPLE_RANGE, CLIP_SAMPLE_RANGE) + c_xt * (z - sqrt_alpha * z0)
+        z = ddim_update(z, z0, c_x0, c_xt, sqrt_alpha)
     return z.view(b, n, *z.shape[1:])
 
 

@@ -1,7 +1,8 @@
-"""The one small interface every inference backend implements: an engine per graph, ``run`` on named arrays."""
+"""The interface every inference backend implements: an engine per graph, and a step loop for the K UNet steps."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -18,8 +19,36 @@ class Engine(Protocol):
 
 
 class StepLoop(Protocol):
-    """A whole denoising loop on one device, when a backend can do better than one ``run`` per step
-    (device-resident latents, captured CUDA graphs)."""
+    """The whole denoising loop: K calls of the UNet-step graph, each feeding the next. Backends that can do better
+    than one host round trip per step (device-resident latents, captured CUDA graphs) bring their own."""
 
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
                  coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray: ...
+
+
+class HostStepLoop:
+    """The step loop with latents on the host: one ``run`` of the UNet-step engine per step (any backend)."""
+
+    def __init__(self, unet: Engine) -> None:
+        self.unet = unet
+
+    def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
+                 coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
+        z = latents
+        k_last = len(timesteps) - 1
+        for k in range(len(timesteps)):
+            z = self.unet.run({"latents": z, "cond_features": cond_features, "timestep": timesteps[k : k + 1],
+                               "coef_x0": coef_x0[k : k + 1], "coef_xt": coef_xt[k : k + 1],
+                               "sqrt_alpha": sqrt_alpha[k : k + 1]})["next_latents"]
+            z = z.copy() if k < k_last else z  # the engine reuses its output buffer as the next call's output
+        return np.array(z, copy=True)
+
+
+@dataclass
+class Backend:
+    """What ``open_backend`` returns: the three engines and the step loop of one backend."""
+
+    name: str  # "ort-cpu", "ort-cuda" or "tensorrt"
+    engines: dict[str, Engine]
+    step_loop: StepLoop
+    skipped: dict[str, str] = field(default_factory=dict)  # backends ``auto`` passed over, and why

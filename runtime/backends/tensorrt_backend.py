@@ -73,11 +73,15 @@ class TrtContext:
     def __init__(self, bundle: Bundle) -> None:
         import tensorrt as trt
 
+        entries = select_engines(bundle, device_identity())  # refuse a bundle before touching the GPU
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.stream = check(cudart().cudaStreamCreateWithFlags(cudart().cudaStreamNonBlocking))
-        entries = select_engines(bundle, device_identity())
+        # The engines' optimization profiles end at twice the built batch (room for flip TTA's copies; see
+        # export/tensorrt_build.py:batch_profile); a larger request is refused before it runs.
+        self.max_images = 2 * min(int(e["max_images"]) for e in entries.values())
+        self.max_members = 2 * min(int(e["max_members"]) for e in entries.values())
         self.engines: dict[str, Any] = {}
         for name, entry in entries.items():
             path = bundle.root / entry["file"]
@@ -115,20 +119,34 @@ class TrtEngine:
     def dtype(self, tensor: str) -> np.dtype:
         return np.dtype(_NP[self.engine.get_tensor_dtype(tensor).name])
 
+    def check_batch(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a batch beyond the engines' profiles with a line that says how to rebuild them."""
+        images = {"condition_encoder": "image", "unet": "cond_features"}.get(self.name)
+        members = {"unet": "latents", "mask_decoder": "latents"}.get(self.name)
+        for tensor, limit, what in ((images, self.ctx.max_images, "images"),
+                                    (members, self.ctx.max_members, "latents (images x members)")):
+            if tensor is not None and shapes[tensor][0] > limit:
+                raise BundleError(f"{self.name}: a batch of {shapes[tensor][0]} {what} exceeds the TensorRT "
+                                  f"engines' maximum of {limit}; rebuild with a larger `diffiml build-engines "
+                                  "--max-batch/--ensemble`, or localize fewer images at once")
+
     def bind(self, shapes: dict[str, tuple[int, ...]]) -> bool:
         """Set input shapes and (re)allocate buffers if they changed; True when addresses changed."""
         key = tuple(shapes[n] for n in self.inputs)
         if key == self.shape_key:
             return False
+        self.check_batch(shapes)
         for buf in self.buffers.values():
             buf.free()
         for name in self.inputs:
-            self.context.set_input_shape(name, shapes[name])
+            if not self.context.set_input_shape(name, shapes[name]):
+                raise BundleError(f"{self.name}: TensorRT refused input shape {shapes[name]} for {name}")
         self.buffers = {n: DeviceBuffer(shapes[n], self.dtype(n)) for n in self.inputs}
         for n in self.outputs:
             self.buffers[n] = DeviceBuffer(tuple(self.context.get_tensor_shape(n)), self.dtype(n))
         for n, buf in self.buffers.items():
-            self.context.set_tensor_address(n, buf.device)
+            if not self.context.set_tensor_address(n, buf.device):
+                raise RuntimeError(f"TensorRT: {self.name} refused the address of {n}")
         self.shape_key = key
         return True
 
