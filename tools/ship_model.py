@@ -1,5 +1,6 @@
 """Copy a trained DiffIML checkpoint into the repository as the shipped default model: weights only (no optimizer
-state), stored in float16 to halve its size. Usage: python tools/ship_model.py RUN_DIR models/default"""
+state), in float32 by default (the exact weights that were evaluated) or float16 with --fp16.
+Usage: python tools/ship_model.py RUN_OR_SNAPSHOT models/default [--fp16]"""
 
 import json
 import shutil
@@ -11,14 +12,15 @@ import torch
 from diffiml.export.exporter import load_diffiml
 from diffiml.train.checkpoint import load_config, resolve_checkpoint, save_checkpoint
 
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+run, out = Path(args[0]), Path(args[1])
 model, ckpt = load_diffiml(run)
 config = load_config(ckpt)
 state = json.loads((resolve_checkpoint(run) / "trainer_state.json").read_text())
 config["trained_steps"] = state["step"]
 tmp = out.with_name(out.name + ".build")
 shutil.rmtree(tmp, ignore_errors=True)
-final = save_checkpoint(tmp, model, config, dtype=torch.float16)
+final = save_checkpoint(tmp, model, config, dtype=torch.float16 if "--fp16" in sys.argv else None)
 out.mkdir(parents=True, exist_ok=True)
 for f in final.iterdir():
     shutil.copy(f, out / f.name)
