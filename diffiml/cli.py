@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     train_commands.add_parsers(sub)
-    for module in ("diffiml.export.commands", "diffiml.runtime.commands", "diffiml.benchmarks.commands"):
+    # runtime before export: export plugs its PyTorch reference into `localize --reference`, so the runtime itself
+    # never imports export (or torch).
+    for module in ("diffiml.runtime.commands", "diffiml.export.commands", "diffiml.benchmarks.commands"):
         try:
             __import__(module, fromlist=["add_parsers"]).add_parsers(sub)
         except ModuleNotFoundError as exc:

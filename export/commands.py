@@ -25,6 +25,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=int, default=None, help="largest ensemble size (default: the bundle's)")
     p.set_defaults(handler=build_engines)
 
+    if "localize" in sub.choices:  # `diffiml localize --reference` runs the checkpoint's PyTorch modules
+        sub.choices["localize"].set_defaults(open_reference=open_reference)
+
+
+def open_reference(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - the signature of reference.open_reference
+    from diffiml.export.reference import open_reference as opener
+
+    return opener(*args, **kwargs)
+
 
 def export(args: argparse.Namespace) -> int:
     from diffiml.export.exporter import export_bundle

@@ -62,8 +62,9 @@ def localize(args: argparse.Namespace) -> int:
     if not paths:
         raise DiffimlError("no input images matched")
     if args.reference is not None:
-        from diffiml.export.reference import open_reference  # the only path that imports torch
-
+        open_reference = getattr(args, "open_reference", None)  # plugged in by diffiml.export.commands
+        if open_reference is None:
+            raise DiffimlError("--reference needs the training stack (pip install 'diffiml[export]')")
         localizer = open_reference(args.bundle, args.reference or None, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty)
     else:

@@ -37,6 +37,21 @@ def test_runtime_never_imports_torch(tiny_bundle, tmp_path):
     assert out.stdout.strip() == "False"
 
 
+def test_runtime_modules_import_nothing_of_train_export_or_torch():
+    """The one-way import rule, read from the source: runtime -> nothing of ours that needs torch."""
+    import ast
+    from pathlib import Path
+
+    forbidden = ("torch", "diffiml.train", "diffiml.export", "diffiml.benchmarks")
+    runtime = Path(__file__).resolve().parents[1] / "runtime"
+    for path in runtime.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(forbidden), f"{path.name} imports {name}"
+
+
 def test_runtime_matches_the_reference_sampler(tiny_bundle, tiny_run):
     from diffiml.export.exporter import load_diffiml
     from diffiml.train.sampler import sample
