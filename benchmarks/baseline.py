@@ -5,33 +5,13 @@ paper's claim, not a product: it has no bundle and runs in PyTorch."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from diffiml.runtime.errors import BundleError
-from diffiml.runtime.image_io import preprocess, resize_probability
-from diffiml.runtime.localizer import SCORE_TOP_FRACTION
-
-
-@dataclass
-class BaselineResult:
-    model_probability: np.ndarray  # (S, S)
-    height: int
-    width: int
-
-    @cached_property
-    def probability(self) -> np.ndarray:
-        return resize_probability(self.model_probability, self.height, self.width)
-
-    @property
-    def score(self) -> float:
-        """The runtime's image-level score: the mean of the top 0.5 % pixel probabilities."""
-        p = self.model_probability.ravel()
-        k = max(1, int(p.size * SCORE_TOP_FRACTION))
-        return float(np.partition(p, p.size - k)[-k:].mean())
+from diffiml.runtime.image_io import preprocess
+from diffiml.runtime.localizer import LocalizationResult, image_score
 
 
 class BaselinePredictor:
@@ -52,11 +32,11 @@ class BaselinePredictor:
         self.size, self.mean, self.std = model_config.image_size, list(IMAGE_MEAN), list(IMAGE_STD)
         self._lock = threading.Lock()
 
-    def localize(self, rgb: np.ndarray) -> BaselineResult:
-        """(H, W, 3) uint8 RGB -> the baseline's probability map at (H, W)."""
+    def localize(self, rgb: np.ndarray) -> LocalizationResult:
+        """(H, W, 3) uint8 RGB -> the runtime's result type: maps at (H, W) on access, the same image score."""
         import torch
 
         x = preprocess([rgb], self.size, self.mean, self.std)
         with self._lock, torch.no_grad():
             prob = torch.sigmoid(self.model(torch.from_numpy(x)))[0, 0].numpy()
-        return BaselineResult(prob, rgb.shape[0], rgb.shape[1])
+        return LocalizationResult(prob, None, rgb.shape[0], rgb.shape[1], image_score(prob))

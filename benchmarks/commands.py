@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import date
 from pathlib import Path
+
+from diffiml.files import write_bytes_atomic
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -85,9 +86,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
+
+
+def _check_names(names: list[str], data: list[str]) -> None:
+    if len(names) != len(data):
+        raise ValueError("give one --name per --data")
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -115,8 +119,7 @@ def evaluate(args: argparse.Namespace) -> int:
         names, args.data = [n for n, _ in found] + names, [str(p) for _, p in found] + args.data
     if not args.data:
         raise ValueError("nothing to evaluate: give --data or --protocol with --root")
-    if len(names) != len(args.data):
-        raise ValueError("give one --name per --data")
+    _check_names(names, args.data)
     if args.robustness:
         from diffiml.benchmarks.robustness import plot, robustness
 
@@ -192,8 +195,7 @@ def curve(args: argparse.Namespace) -> int:
     from diffiml.train.data.readers import read_dataset
 
     names = args.name or [Path(d).stem for d in args.data]
-    if len(names) != len(args.data):
-        raise ValueError("give one --name per --data")
+    _check_names(names, args.data)
     data = [(n, read_dataset(d)[: args.limit]) for n, d in zip(names, args.data, strict=True)]
     only = [int(s) for s in args.only.split(",")] if args.only else None
     rows = bench_curve(args.run, data, args.steps, args.ensemble, args.seed, only)

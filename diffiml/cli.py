@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+from diffiml.runtime.errors import DiffimlError
+
 
 class UserError(Exception):
     """Raised by handlers for a problem the user can fix; printed as one line."""
@@ -32,14 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_user_error(exc: Exception) -> bool:
-    """Typed errors of ours (UserError, the runtime's DiffimlError) and the ValueError / OSError / RuntimeError
-    that name a bad file or argument; their message already names the file and the fix."""
-    from diffiml.runtime.errors import DiffimlError
-
-    return isinstance(exc, (UserError, DiffimlError, ValueError, OSError, RuntimeError))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -49,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffiml: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - every error a user can cause is one line; -v shows the traceback
-        if not _is_user_error(exc):
-            raise
+    except (UserError, DiffimlError, ValueError, OSError, RuntimeError) as exc:
+        # Typed errors of ours (DiffimlError and its subclasses, UserError) and the ValueError / OSError that name
+        # a bad file: their message already names the file and the fix.
         if args.verbose:
             raise
         print(f"diffiml {args.command}: error: {exc}", file=sys.stderr)

@@ -6,12 +6,12 @@ of every file before anything is handed to an inference engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffiml.files import sha256_of
 from diffiml.runtime.errors import BundleError
 from diffiml.schedule import DdimPlan
 
@@ -28,14 +28,6 @@ GRAPH_IO = {
 SUPPORTED_INPUT = {"layout": "NCHW", "color": "RGB", "resize": "area"}
 _REQUIRED = ("format_version", "name", "model", "input", "latent", "sampling", "graphs", "opset", "producer",
              "checkpoint")
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,9 @@ SHARED = REPO.parent / "shared"
 def _has_cuda_device() -> bool:
     import shutil
 
-    try:
-        import onnxruntime
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and shutil.which("nvidia-smi") is not None
+    from diffiml.runtime.backends.ort_backend import cuda_available
+
+    return cuda_available() and shutil.which("nvidia-smi") is not None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

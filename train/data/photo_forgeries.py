@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from diffiml.files import write_bytes_atomic
 from diffiml.train.data.augment import jpeg
 
 PHOTO_MANIPULATIONS = ("splice", "copymove", "inpaint")
@@ -277,12 +277,6 @@ def encode(image: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
     return buf.tobytes(), suffix
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: int = 0,
                          holdout_type: str | None = "inpaint", authentic_rate: float = 0.2,
                          eval_fraction: float = 0.15, copymove_marks_source: bool = True,
@@ -340,11 +334,11 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
         image, mask = post_processing(*result, rng)
         data, suffix = encode(image, rng)
         stem = f"{i:05d}_{kind}"
-        _write_atomic(out / "Tp" / f"{stem}{suffix}", data)
+        write_bytes_atomic(out / "Tp" / f"{stem}{suffix}", data)
         row = [f"Tp/{stem}{suffix}", "Negative"]
         if kind != "authentic":
             ok, buf = cv2.imencode(".png", mask * 255)
-            _write_atomic(out / "Gt" / f"{stem}.png", buf.tobytes())
+            write_bytes_atomic(out / "Gt" / f"{stem}.png", buf.tobytes())
             row[1] = f"Gt/{stem}.png"
         split = "train" if side == "train" else ("holdout" if kind == holdout_type else "test")
         lists[split].append(row)
@@ -352,6 +346,6 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
             progress(i)
         i += 1
     for name, rows in lists.items():
-        _write_atomic(out / f"{name}.json", json.dumps(rows, indent=0).encode())
+        write_bytes_atomic(out / f"{name}.json", json.dumps(rows, indent=0).encode())
     return {**{k: len(v) for k, v in lists.items()},
             "train_photos": len(sides["train"]), "eval_photos": len(sides["eval"])}
