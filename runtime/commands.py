@@ -34,7 +34,35 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="run the PyTorch reference sampler (imports torch) on CHECKPOINT, or on the bundle's own")
     p.add_argument("--truth", default=None, help="a true mask for a single input: prints the F1 against it")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="send the images to a `diffiml serve` endpoint (http://HOST:PORT or grpc://HOST:PORT) "
+                        "instead of running the bundle here")
     p.set_defaults(handler=localize)
+
+    s = sub.add_parser("serve", help="serve a bundle with NVIDIA Triton Inference Server (PyTriton)")
+    s.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
+    s.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port; gRPC is PORT+1, metrics PORT+2")
+    s.add_argument("--max-batch", type=int, default=8, help="largest batch of requests (1: no dynamic batching)")
+    s.add_argument("--max-queue-delay-ms", type=float, default=2.0,
+                   help="how long Triton may hold a request to batch it with others")
+    s.add_argument("--instances", type=int, default=1, help="model instances, each with its own engines")
+    s.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default: cores/instances)")
+    s.set_defaults(handler=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from diffiml.runtime.serving import ServeOptions
+    from diffiml.runtime.serving import serve as run_server
+
+    if args.max_batch < 1 or args.instances < 1 or not 0 < args.port < 65534:
+        raise DiffimlError("--max-batch and --instances must be >= 1, --port in 1..65533")
+    run_server(ServeOptions(bundle=Path(args.bundle), backend=args.backend, host=args.host, http_port=args.port,
+                            grpc_port=args.port + 1, metrics_port=args.port + 2, max_batch=args.max_batch,
+                            max_queue_delay_ms=args.max_queue_delay_ms, instances=args.instances,
+                            threads=args.threads))
+    return 0
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -51,6 +79,18 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return paths
 
 
+def _output_folder(name: str) -> Path:
+    """An unusable --out is one line before any work, not one failure per image."""
+    out = Path(name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiffimlError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise DiffimlError(f"{out}: the output folder is not writable")
+    return out
+
+
 def localize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -61,6 +101,10 @@ def localize(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise DiffimlError("no input images matched")
+    if args.server is not None:
+        if args.reference is not None or args.tta:
+            raise DiffimlError("--server runs the server's bundle: --reference and --tta are local only")
+        return _localize_on_server(args, paths)
     if args.reference is not None:
         open_reference = getattr(args, "open_reference", None)  # plugged in by diffiml.export.commands
         if open_reference is None:
@@ -72,13 +116,7 @@ def localize(args: argparse.Namespace) -> int:
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty)
-    out = Path(args.out)
-    try:  # an unusable --out is one line before any work, not one failure per image
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DiffimlError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK):
-        raise DiffimlError(f"{out}: the output folder is not writable")
+    out = _output_folder(args.out)
     failures = 0
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
@@ -99,6 +137,52 @@ def localize(args: argparse.Namespace) -> int:
             truth = load_image(args.truth).rgb[..., 0] >= 128
             record["f1"] = round(pixel_f1(result.mask, truth), 4)
         print(json.dumps(record), flush=True)
+    if failures:
+        print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
+    """``localize --server``: the same files and JSON lines as a local run, computed by a ``diffiml serve``."""
+    from tqdm import tqdm
+
+    from diffiml.runtime.image_io import MAX_BYTES, load_image
+    from diffiml.runtime.metrics import pixel_f1
+    from diffiml.runtime.outputs import write_outputs
+    from diffiml.runtime.triton_client import TritonLocalizer
+
+    client = TritonLocalizer(args.server, steps=args.steps, ensemble=args.ensemble, seed=args.seed,
+                             uncertainty=args.uncertainty)
+    if not client.is_ready():
+        raise DiffimlError(f"{args.server}: no ready diffiml model there (is `diffiml serve` running?)")
+    out = _output_folder(args.out)
+    failures = 0
+    for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
+        try:
+            t0 = time.perf_counter()
+            if not path.is_file():
+                raise DiffimlError(f"{path}: no such file")
+            if path.stat().st_size > MAX_BYTES:
+                raise DiffimlError(f"{path}: file larger than {MAX_BYTES >> 20} MiB")
+            answer = client.localize_bytes(path.read_bytes())
+            result = answer.result
+            decoded = load_image(path, result.model_probability.shape[0])  # for the overlay only
+            files = write_outputs(result, decoded.rgb, out, path.stem)
+        except (DiffimlError, ValueError, OSError) as exc:
+            failures += 1
+            message = str(exc).replace("<bytes>", str(path)) if "<bytes>" in str(exc) else f"{path}: {exc}"
+            tqdm.write(f"diffiml localize: {message}", file=sys.stderr)
+            continue
+        record = {"path": str(path), "score": round(result.score, 4),
+                  "manipulated_fraction": round(result.manipulated_fraction, 4),
+                  "backend": f"{answer.info.get('backend', '?')}@{args.server}",
+                  "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+                  "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
+        if args.truth and len(paths) == 1:
+            truth = load_image(args.truth).rgb[..., 0] >= 128
+            record["f1"] = round(pixel_f1(result.mask, truth), 4)
+        print(json.dumps(record), flush=True)
+    client.close()
     if failures:
         print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)
     return 1 if failures else 0

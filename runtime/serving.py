@@ -1,0 +1,293 @@
+"""``diffiml serve``: the runtime inside NVIDIA Triton Inference Server (through PyTriton), so that many users' tools
+share one model behind HTTP/gRPC endpoints with Triton's dynamic batching, health, readiness and metrics.
+
+The model, ``diffiml``, takes one encoded image per batch row (BYTES: PNG/JPEG/TIFF as sent, decoded here with the
+same limits and errors as ``localize``) and optional request parameters ``steps``, ``ensemble``, ``seed``,
+``uncertainty`` and ``raw`` (also return the model-size float maps). Requests that Triton batches together are
+grouped by their settings and run through the encoder and the UNet steps as one batch.
+
+PyTriton fails a whole batch when its callable raises, so a bad input must not raise: each row carries an ``error``
+output, empty when the row succeeded. A client treats a non-empty ``error`` as that image's failure.
+
+Serving runs in its own environment (``make serve-env``): Triton's Python-backend stub needs numpy < 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from diffiml.runtime.backends import open_backend
+from diffiml.runtime.backends.base import Backend
+from diffiml.runtime.bundle import Bundle, load_bundle
+from diffiml.runtime.errors import DiffimlError, ImageDecodeError
+from diffiml.runtime.image_io import MAX_BYTES, DecodedImage, load_image
+from diffiml.runtime.localizer import LocalizationResult, Localizer
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "diffiml"
+MAX_ENSEMBLE = 64  # a request may not ask for more members than this (memory and time of one batch)
+OUTPUT_NAMES = ("score", "manipulated_fraction", "probability_png", "uncertainty_png", "raw_probability",
+                "raw_uncertainty", "info_json", "error")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one request may choose; requests with equal settings share a batch."""
+
+    steps: int
+    ensemble: int
+    seed: int
+    uncertainty: bool
+    raw: bool
+
+    @property
+    def engine_key(self) -> tuple[int, int, int, bool]:
+        """What changes the computation (``raw`` only changes what is returned)."""
+        return self.steps, self.ensemble, self.seed, self.uncertainty
+
+
+def parse_settings(parameters: dict[str, Any] | None, bundle: Bundle) -> Settings:
+    """Request parameters -> Settings, or DiffimlError naming the bad one."""
+    p = dict(parameters or {})
+    unknown = set(p) - {"steps", "ensemble", "seed", "uncertainty", "raw"}
+    if unknown:
+        raise DiffimlError(f"unknown request parameter(s): {', '.join(sorted(unknown))}")
+
+    def integer(name: str, default: int, low: int, high: int) -> int:
+        value = p.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).lstrip("-").isdigit():
+            raise DiffimlError(f"parameter {name} must be an integer, got {value!r}")
+        if not low <= int(value) <= high:
+            raise DiffimlError(f"parameter {name} must be in [{low}, {high}], got {value}")
+        return int(value)
+
+    def flag(name: str) -> bool:
+        value = p.get(name, False)
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool | int):
+            raise DiffimlError(f"parameter {name} must be a boolean, got {value!r}")
+        return bool(value)
+
+    steps = integer("steps", bundle.default_steps, 1, 1000)
+    available = sorted(int(k) for k in bundle.manifest["sampling"]["schedules"])
+    if steps not in available:
+        raise DiffimlError(f"parameter steps={steps}: the bundle has schedules for {available} steps")
+    return Settings(steps, integer("ensemble", bundle.default_ensemble, 1, MAX_ENSEMBLE),
+                    integer("seed", 0, 0, 2**31 - 1), flag("uncertainty"), flag("raw"))
+
+
+def _png16(array: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise DiffimlError("could not encode the probability map")
+    return encoded.tobytes()
+
+
+class InstanceModel:
+    """One Triton model instance: its own engines (sessions, buffers) and one Localizer per settings over them.
+    Triton calls an instance from one thread at a time; several instances run side by side."""
+
+    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+        self.bundle, self.backend = bundle, backend
+        self._localizers: dict[tuple[int, int, int, bool], Localizer] = {}
+
+    def localizer(self, s: Settings) -> Localizer:
+        if s.engine_key not in self._localizers:
+            if len(self._localizers) >= 64:  # each holds its noise draws: keep the cache bounded
+                self._localizers.pop(next(iter(self._localizers)))
+            self._localizers[s.engine_key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, s.seed,
+                                                       s.uncertainty)
+        return self._localizers[s.engine_key]
+
+    def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        rows: list[list[dict[str, Any]]] = []
+        groups: dict[tuple[int, int, int, bool], list[tuple[dict[str, Any], DecodedImage, Settings]]] = {}
+        for request in requests:
+            images = np.asarray(request["image"]).reshape(-1)
+            request_rows: list[dict[str, Any]] = [{} for _ in images]
+            rows.append(request_rows)
+            try:
+                settings = parse_settings(request.parameters, self.bundle)
+            except DiffimlError as exc:
+                for row in request_rows:
+                    row["error"] = str(exc)
+                continue
+            for row, data in zip(request_rows, images, strict=True):
+                try:
+                    decoded = self._decode(data)
+                except DiffimlError as exc:
+                    row["error"] = str(exc)
+                    continue
+                groups.setdefault(settings.engine_key, []).append((row, decoded, settings))
+        for members in groups.values():
+            try:
+                results = self.localizer(members[0][2]).localize_batch([d for _, d, _ in members])
+            except DiffimlError as exc:  # e.g. a batch over the engines' limits: the rows fail, not the server
+                for row, _, _ in members:
+                    row["error"] = str(exc)
+                continue
+            for (row, _, settings), result in zip(members, results, strict=True):
+                row.update(self._encode(result, settings, len(members), self.backend.name))
+        return [self._stack(request_rows) for request_rows in rows]
+
+    def _decode(self, data: Any) -> DecodedImage:
+        raw = bytes(data) if not isinstance(data, bytes) else data
+        if len(raw) > MAX_BYTES:
+            raise ImageDecodeError(f"<bytes>: larger than {MAX_BYTES >> 20} MiB")
+        return load_image(raw, self.bundle.image_size)
+
+    @staticmethod
+    def _encode(result: LocalizationResult, s: Settings, batch: int, backend: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"score": result.score, "manipulated_fraction": result.manipulated_fraction,
+                               "probability_png": _png16(result.probability16()),
+                               "info_json": json.dumps({"height": result.height, "width": result.width,
+                                                        "timings_ms": {k: round(v, 3) for k, v in
+                                                                       result.timings_ms.items()},
+                                                        "batch_images": batch, "backend": backend})}
+        if result.model_uncertainty is not None:
+            h, w = result.height, result.width
+            unc16 = cv2.resize((np.clip(result.model_uncertainty * 2, 0, 1) * 65535 + 0.5).astype(np.uint16), (w, h),
+                               interpolation=cv2.INTER_LINEAR)
+            row["uncertainty_png"] = _png16(unc16)
+        if s.raw:
+            row["raw_probability"] = result.model_probability
+            row["raw_uncertainty"] = result.model_uncertainty
+        return row
+
+    def _stack(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Rows of one request -> its output arrays (batch first). Failed rows: NaN scores, empty bytes, NaN maps.
+        The raw maps are returned only when asked for (PyTriton cannot send an empty tensor)."""
+
+        def text(key: str) -> np.ndarray:
+            values = [r.get(key, b"") for r in rows]
+            return np.array([v if isinstance(v, bytes) else str(v).encode() for v in values], dtype=object)[:, None]
+
+        def number(key: str) -> np.ndarray:
+            return np.array([r.get(key, np.nan) for r in rows], np.float32)[:, None]
+
+        out = {"score": number("score"), "manipulated_fraction": number("manipulated_fraction"),
+               "probability_png": text("probability_png"), "uncertainty_png": text("uncertainty_png"),
+               "info_json": text("info_json"), "error": text("error")}
+        size = self.bundle.image_size
+        for key in ("raw_probability", "raw_uncertainty"):
+            if any(r.get(key) is not None for r in rows):
+                blank = np.full((size, size), np.nan, np.float32)
+                out[key] = np.stack([r[key] if r.get(key) is not None else blank for r in rows]).astype(np.float32)
+        return out
+
+
+def _warm_up(model: InstanceModel) -> None:
+    """One request through every engine before the model is declared ready, so the first user does not pay for
+    session start-up, memory-pattern planning or CUDA graph capture."""
+    ok, png = cv2.imencode(".png", np.full((64, 64, 3), 128, np.uint8))
+
+    class _Request:
+        data = {"image": np.array([[png.tobytes()]], dtype=object)}
+        parameters: dict[str, Any] = {}
+
+        def __getitem__(self, key: str) -> np.ndarray:
+            return self.data[key]
+
+    error = model([_Request()])[0]["error"][0, 0]
+    if error:
+        raise DiffimlError(f"warm-up failed: {error.decode()}")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    bundle: Path
+    backend: str = "auto"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 8
+    max_queue_delay_ms: float = 2.0
+    instances: int = 1
+    threads: int | None = None  # intra-op threads per instance; default: the cores shared among the instances
+    exit_timeout_s: int = 30
+
+
+def open_instances(options: ServeOptions) -> list[InstanceModel]:
+    """Verify the bundle (sha256 of every graph), open one backend per instance and warm each up. Raises
+    BundleError / BackendUnavailableError before any server starts."""
+    bundle = load_bundle(options.bundle)
+    threads = options.threads or max(1, (os.cpu_count() or 1) // options.instances)
+    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads)) for _ in range(options.instances)]
+    for model in models:
+        _warm_up(model)
+    return models
+
+
+def _interface() -> tuple[list[Any], list[Any]]:
+    from pytriton.model_config import Tensor
+
+    inputs = [Tensor(name="image", dtype=bytes, shape=(1,))]
+    outputs = [Tensor(name="score", dtype=np.float32, shape=(1,)),
+               Tensor(name="manipulated_fraction", dtype=np.float32, shape=(1,)),
+               Tensor(name="probability_png", dtype=bytes, shape=(1,)),
+               Tensor(name="uncertainty_png", dtype=bytes, shape=(1,)),
+               Tensor(name="raw_probability", dtype=np.float32, shape=(-1, -1)),
+               Tensor(name="raw_uncertainty", dtype=np.float32, shape=(-1, -1)),
+               Tensor(name="info_json", dtype=bytes, shape=(1,)),
+               Tensor(name="error", dtype=bytes, shape=(1,))]
+    return inputs, outputs
+
+
+def _stop_on_sigterm() -> None:
+    """PyTriton stops cleanly on SIGINT only (KeyboardInterrupt): make SIGTERM (docker stop, systemd, Kubernetes)
+    take the same path, so in-flight requests finish (Triton's exit timeout) and no process or workspace is left."""
+
+    def handler(signum: int, frame: Any) -> None:
+        # Once: a second signal during the drain would abort it and kill the process under running inferences.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def serve(options: ServeOptions) -> None:
+    """Run Triton with the DiffIML model until SIGINT/SIGTERM. Ready (``/v2/models/diffiml/ready``) only after the
+    bundle is verified and every instance has run one warm-up request."""
+    try:
+        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.triton import Triton, TritonConfig
+    except ImportError:
+        raise DiffimlError("serving needs PyTriton: run `make serve-env` and use .venv-serve/bin/diffiml") from None
+    models = open_instances(options)
+    # Triton's Python-backend stub links libpython dynamically; point it at this interpreter's own library, not a
+    # system one of another patch release.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+    config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
+                          grpc_port=options.grpc_port, metrics_port=options.metrics_port,
+                          exit_timeout_secs=options.exit_timeout_s, strict_readiness=True)
+    batching = options.max_batch > 1
+    model_config = ModelConfig(batching=True, max_batch_size=max(1, options.max_batch),
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=int(options.max_queue_delay_ms
+                                                                                        * 1000) if batching else 0))
+    inputs, outputs = _interface()
+    _stop_on_sigterm()
+    with Triton(config=config) as triton:
+        triton.bind(model_name=MODEL_NAME, infer_func=[m.__call__ for m in models], inputs=inputs, outputs=outputs,
+                    config=model_config, strict=False)
+        log.info("serving %s (%s, %d instance(s), max batch %d, queue delay %.1f ms) on http://%s:%d grpc %s:%d",
+                 options.bundle, models[0].backend.name, len(models), options.max_batch, options.max_queue_delay_ms,
+                 options.host, options.http_port, options.host, options.grpc_port)
+        try:
+            triton.serve()
+        except KeyboardInterrupt:
+            log.info("stopping: finishing in-flight requests")
