@@ -20,7 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", action="append", default=None, help="a name per --data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--ensemble", type=int, default=None)
+    p.add_argument("--ensemble", default=None, metavar="N|auto[:N]")
+    p.add_argument("--ensemble-tolerance", type=float, default=None)
     p.add_argument("--tta", action="store_true")
     p.add_argument("--backend", default="auto")
     p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
@@ -78,6 +79,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--out", required=True)
     v.set_defaults(handler=curve)
 
+    s = bench.add_parser("serve", help="load test of `diffiml serve`: dynamic batching on vs off, bad inputs mixed in")
+    s.add_argument("--bundle", default="engines/default")
+    s.add_argument("--clients", default="1,2,4,8,16,32", help="concurrency levels")
+    s.add_argument("--duration", type=float, default=15.0, help="seconds each level keeps sending")
+    s.add_argument("--max-requests", type=int, default=400, help="request budget per level")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-queue-delay-ms", type=float, default=10.0)
+    s.add_argument("--bad-every", type=int, default=5, help="every n-th request of a client is a bad input (0: none)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--ensemble", type=int, default=None)
+    s.add_argument("--sample", default="examples/sample_splice.png", help="the good request's image")
+    s.add_argument("--out", required=True)
+    s.set_defaults(handler=serve_load)
+
     m = bench.add_parser("memory", help="peak resident memory of localizing one huge JPEG, in a fresh process")
     m.add_argument("--bundle", default="engines/default")
     m.add_argument("--size", type=int, default=20000, help="side of the square test JPEG in pixels")
@@ -104,8 +119,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
         localizer = BaselinePredictor(args.baseline)
     else:
+        from diffiml.runtime.commands import adaptive_policy
+
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
-                                   tta=args.tta, seed=args.seed)
+                                   tta=args.tta, seed=args.seed, adaptive=adaptive_policy(args))
     names = args.name or [Path(d).stem for d in args.data]
     if args.protocol:
         from diffiml.benchmarks.protocols import locate
@@ -219,3 +236,25 @@ def memory(args: argparse.Namespace) -> int:
     _atomic_write(out / "memory.json", json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0
+
+
+def serve_load(args: argparse.Namespace) -> int:
+    import os
+
+    from diffiml.benchmarks import serve_load as load
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parameters = {k: v for k, v in (("steps", args.steps), ("ensemble", args.ensemble)) if v is not None}
+    levels = [int(c) for c in args.clients.split(",")]
+    rows = load.run(args.bundle, levels, args.duration, args.max_requests, args.max_batch, args.max_queue_delay_ms,
+                    args.bad_every, parameters, Path(args.sample), log_dir=out)
+    meta = {"date": str(date.today()), "bundle": args.bundle, "cpus": os.cpu_count(), "parameters": parameters,
+            "duration_s": args.duration, "max_batch": args.max_batch, "max_queue_delay_ms": args.max_queue_delay_ms,
+            "bad_every": args.bad_every, "command": " ".join(["diffiml", *sys.argv[1:]])}
+    _atomic_write(out / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = load.markdown(rows)
+    _atomic_write(out / "serve.md", table)
+    print(table)
+    lost = sum(r["good_lost"] for r in rows) + sum(r["bad_accepted"] for r in rows)
+    return 1 if lost else 0

@@ -16,7 +16,7 @@ from diffiml.export.graphs import graph_specs
 from diffiml.runtime.backends.base import Backend, HostStepLoop
 from diffiml.runtime.bundle import load_bundle, sha256_of
 from diffiml.runtime.errors import BundleError
-from diffiml.runtime.localizer import Localizer
+from diffiml.runtime.localizer import AdaptiveEnsemble, Localizer, parse_ensemble
 
 
 class TorchEngine:
@@ -39,8 +39,8 @@ def torch_backend(checkpoint: str | Path) -> Backend:
 
 
 def open_reference(bundle_dir: str | Path, checkpoint: str | Path | None = None, steps: int | None = None,
-                   ensemble: int | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False
-                   ) -> Localizer:
+                   ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
+                   adaptive: AdaptiveEnsemble | None = None) -> Localizer:
     """A Localizer on the PyTorch modules of ``checkpoint``, which defaults to the one the bundle was exported from
     (its sha256 is checked)."""
     bundle = load_bundle(bundle_dir, verify=False)
@@ -49,5 +49,6 @@ def open_reference(bundle_dir: str | Path, checkpoint: str | Path | None = None,
         weights = Path(checkpoint) / "model.safetensors"
         if not weights.is_file() or sha256_of(weights) != bundle.manifest["checkpoint"]["sha256"]:
             raise BundleError(f"{weights}: missing or not the checkpoint this bundle was exported from")
-    return Localizer(bundle, torch_backend(checkpoint), steps or bundle.default_steps,
-                     ensemble or bundle.default_ensemble, tta, seed, uncertainty)
+    n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
+    return Localizer(bundle, torch_backend(checkpoint), steps or bundle.default_steps, n, tta, seed, uncertainty,
+                     adaptive)

@@ -27,7 +27,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--ensemble", type=int, default=None)
+    p.add_argument("--ensemble", default=None, metavar="N|auto[:N]",
+                   help="ensemble members, or auto: stop adding members once the mask settles (at most N)")
+    p.add_argument("--ensemble-tolerance", type=float, default=None, metavar="FRACTION",
+                   help="auto ensemble: stop when at most this fraction of pixels flipped (default 0.002)")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
@@ -79,6 +82,17 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return paths
 
 
+def adaptive_policy(args: argparse.Namespace):  # -> AdaptiveEnsemble | None (imported lazily)
+    """``--ensemble-tolerance`` as an AdaptiveEnsemble; None leaves the default policy to ``--ensemble auto``."""
+    if getattr(args, "ensemble_tolerance", None) is None:
+        return None
+    from diffiml.runtime.localizer import AdaptiveEnsemble
+
+    if not 0 <= args.ensemble_tolerance <= 1:
+        raise DiffimlError("--ensemble-tolerance must be in [0, 1]")
+    return AdaptiveEnsemble(tolerance=args.ensemble_tolerance)
+
+
 def _output_folder(name: str) -> Path:
     """An unusable --out is one line before any work, not one failure per image."""
     out = Path(name)
@@ -110,12 +124,14 @@ def localize(args: argparse.Namespace) -> int:
         if open_reference is None:
             raise DiffimlError("--reference needs the training stack (pip install 'diffiml[export]')")
         localizer = open_reference(args.bundle, args.reference or None, steps=args.steps, ensemble=args.ensemble,
-                                   tta=args.tta, seed=args.seed, uncertainty=args.uncertainty)
+                                   tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
+                                   adaptive=adaptive_policy(args))
     else:
         from diffiml.runtime.localizer import Localizer
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
-                                   tta=args.tta, seed=args.seed, uncertainty=args.uncertainty)
+                                   tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
+                                   adaptive=adaptive_policy(args))
     out = _output_folder(args.out)
     failures = 0
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
@@ -131,6 +147,7 @@ def localize(args: argparse.Namespace) -> int:
             continue
         record = {"path": str(path), "score": round(result.score, 4),
                   "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": localizer.backend,
+                  "members": result.members,
                   "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
                   "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
         if args.truth and len(paths) == 1:
@@ -151,7 +168,10 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     from diffiml.runtime.outputs import write_outputs
     from diffiml.runtime.triton_client import TritonLocalizer
 
-    client = TritonLocalizer(args.server, steps=args.steps, ensemble=args.ensemble, seed=args.seed,
+    if args.ensemble is not None and not str(args.ensemble).isdigit():
+        raise DiffimlError("--server takes a fixed --ensemble N (the adaptive ensemble runs locally)")
+    ensemble = None if args.ensemble is None else int(args.ensemble)
+    client = TritonLocalizer(args.server, steps=args.steps, ensemble=ensemble, seed=args.seed,
                              uncertainty=args.uncertainty)
     if not client.is_ready():
         raise DiffimlError(f"{args.server}: no ready diffiml model there (is `diffiml serve` running?)")

@@ -30,6 +30,27 @@ from diffiml.schedule import ensemble_noise
 SCORE_TOP_FRACTION = 0.005
 
 
+@dataclass(frozen=True)
+class AdaptiveEnsemble:
+    """Run the ensemble in chunks and stop once the averaged mask has settled.
+
+    Members run ``first``, then ``step`` at a time, up to the Localizer's ``ensemble``. After each chunk the running
+    mean latent is decoded; the run stops when, for every image of the batch, the fraction of pixels whose decision
+    (p >= 0.5) flipped since the previous chunk is at most ``tolerance``. Members are the same noise draws, in the
+    same order, as the fixed ensemble: when it runs all N it returns the fixed ensemble's result bit for bit.
+    """
+
+    first: int = 1
+    step: int = 1
+    tolerance: float = 0.002
+
+    def chunks(self, n: int) -> list[int]:
+        sizes = [min(self.first, n)]
+        while sum(sizes) < n:
+            sizes.append(min(self.step, n - sum(sizes)))
+        return sizes
+
+
 def image_score(probability: np.ndarray) -> float:
     """Image-level score: the mean of the top 0.5 % pixel probabilities (a max that one pixel cannot set)."""
     p = probability.ravel()
@@ -48,6 +69,7 @@ class LocalizationResult:
     width: int
     score: float  # image-level: mean of the top 0.5 % pixel probabilities (a max that one pixel cannot set)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    members: int = 0  # ensemble members averaged (fewer than asked when an adaptive ensemble stopped early)
 
     @cached_property
     def probability(self) -> np.ndarray:
@@ -77,11 +99,28 @@ class LocalizationResult:
         return float((self.model_probability >= 0.5).mean())
 
 
+def parse_ensemble(ensemble: int | str | None, default: int, adaptive: AdaptiveEnsemble | None = None
+                   ) -> tuple[int, AdaptiveEnsemble | None]:
+    """``5`` -> (5, None); ``"auto"`` -> (default, AdaptiveEnsemble()); ``"auto:8"`` -> (8, ...). ValueError else."""
+    if ensemble is None:
+        return default, adaptive
+    if isinstance(ensemble, int):
+        return ensemble, adaptive
+    text = str(ensemble).strip().lower()
+    if text.isdigit():
+        return int(text), adaptive
+    head, _, tail = text.partition(":")
+    if head != "auto" or (tail and not tail.isdigit()):
+        raise ValueError(f"ensemble must be a member count, 'auto' or 'auto:N', got {ensemble!r}")
+    return (int(tail) if tail else default), adaptive or AdaptiveEnsemble()
+
+
 class Localizer:
     def __init__(self, bundle: Bundle, backend: Backend, steps: int, ensemble: int, tta: bool, seed: int,
-                 uncertainty: bool) -> None:
+                 uncertainty: bool, adaptive: AdaptiveEnsemble | None = None) -> None:
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+        self.adaptive = adaptive
         self.bundle = bundle
         self.backend = backend.name
         self.engines, self.step_loop = backend.engines, backend.step_loop
@@ -93,12 +132,17 @@ class Localizer:
         self._lock = threading.Lock()
 
     @staticmethod
-    def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None, ensemble: int | None = None,
-             tta: bool = False, seed: int = 0, uncertainty: bool = False, threads: int | None = None) -> Localizer:
-        """Load and verify a bundle (sha256 of every graph) and its engines for ``backend``."""
+    def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None,
+             ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
+             threads: int | None = None, adaptive: AdaptiveEnsemble | None = None) -> Localizer:
+        """Load and verify a bundle (sha256 of every graph) and its engines for ``backend``.
+
+        ``ensemble``: a member count, or ``"auto"`` / ``"auto:N"`` for an adaptive ensemble of at most N members
+        (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``)."""
         bundle = load_bundle(bundle_dir)
-        return Localizer(bundle, open_backend(bundle, backend, threads), steps or bundle.default_steps,
-                         ensemble or bundle.default_ensemble, tta, seed, uncertainty)
+        n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
+        return Localizer(bundle, open_backend(bundle, backend, threads), steps or bundle.default_steps, n, tta, seed,
+                         uncertainty, adaptive)
 
     def localize(self, image: ImageInput | DecodedImage) -> LocalizationResult:
         return self.localize_batch([image])[0]
@@ -110,12 +154,13 @@ class Localizer:
         t1 = time.perf_counter()
         x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
         t2 = time.perf_counter()
-        prob, unc, stage = self._infer(x)
+        prob, unc, stage, members = self._infer(x)
         t3 = time.perf_counter()
         results = []
         for i, d in enumerate(decoded):
             p = prob[i]
-            results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, image_score(p)))
+            results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, image_score(p),
+                                              members=members))
         per_image = 1000.0 / len(images)
         for r in results:
             r.timings_ms = {"decode": (t1 - t0) * per_image, "preprocess": (t2 - t1) * per_image,
@@ -123,32 +168,45 @@ class Localizer:
                             "postprocess": (time.perf_counter() - t3) * per_image}
         return results
 
-    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
-        """x (B, 3, S, S) -> probability (B, S, S), uncertainty (B, S, S) or None, stage seconds."""
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float], int]:
+        """x (B, 3, S, S) -> probability (B, S, S), uncertainty (B, S, S) or None, stage seconds, members used."""
         b, n = x.shape[0], self.ensemble
         views = np.concatenate([x, x[..., ::-1]]) if self.tta else x  # flipped copies are extra "images"
         v = views.shape[0]
         # Image i of the first B uses noise draws [0, N); its flipped copy uses [N, 2N).
         blocks = self._noise.reshape(-1, n, *self._noise.shape[1:])
-        latents = np.ascontiguousarray(blocks[np.arange(v) // b].reshape(v * n, *self._noise.shape[1:]))
+        noise = blocks[np.arange(v) // b]  # (V, N, C, h, w)
+        chunks = self.adaptive.chunks(n) if self.adaptive else [n]
         with self._lock:
             t0 = time.perf_counter()
             cond = self.engines["condition_encoder"].run({"image": np.ascontiguousarray(views)})["cond_features"]
             t1 = time.perf_counter()
-            z = self._denoise(latents, cond)
-            t2 = time.perf_counter()
-            members = z.reshape(v, n, *z.shape[1:])
             decoder = self.engines["mask_decoder"]
-            prob = decoder.run({"latents": np.ascontiguousarray(members.mean(axis=1))})["probability"][:, 0].copy()
+            z = np.empty(noise.shape, np.float32)  # (V, N, ...): every member's final latent, image-major
+            used, previous, unet_s = 0, None, 0.0
+            for size in chunks:
+                s0 = time.perf_counter()
+                latents = np.ascontiguousarray(noise[:, used : used + size].reshape(v * size, *noise.shape[2:]))
+                z[:, used : used + size] = self._denoise(latents, cond).reshape(v, size, *noise.shape[2:])
+                used += size
+                unet_s += time.perf_counter() - s0
+                prob = decoder.run({"latents": np.ascontiguousarray(z[:, :used].mean(axis=1))})["probability"]
+                prob = prob[:, 0].copy()
+                if used < n:  # adaptive: stop once no image's mask moved more than the tolerance
+                    mask = prob >= 0.5
+                    if previous is not None and (mask != previous).mean(axis=(1, 2)).max() <= self.adaptive.tolerance:
+                        break
+                    previous = mask
             unc = None
             if self.uncertainty:
-                member_prob = decoder.run({"latents": z})["probability"].reshape(v, n, *prob.shape[1:])
+                members = np.ascontiguousarray(z[:, :used].reshape(v * used, *noise.shape[2:]))
+                member_prob = decoder.run({"latents": members})["probability"].reshape(v, used, *prob.shape[1:])
                 unc = member_prob.std(axis=1)
             t3 = time.perf_counter()
         if self.tta:  # flip back, merge by pixel-wise max (the authors' TTA)
             prob = np.maximum(prob[:b], prob[b:, :, ::-1])
             unc = None if unc is None else np.maximum(unc[:b], unc[b:, :, ::-1])
-        return prob, unc, {"encoder": t1 - t0, "unet_steps": t2 - t1, "decoder": t3 - t2}
+        return prob, unc, {"encoder": t1 - t0, "unet_steps": unet_s, "decoder": t3 - t1 - unet_s}, used
 
     def _denoise(self, latents: np.ndarray, cond: np.ndarray) -> np.ndarray:
         p = self.plan

@@ -256,3 +256,40 @@ def test_cli_reference_path_runs_the_torch_sampler(tiny_bundle, tmp_path):
     a = cv2.imread(str(tmp_path / "o1/a_prob.png"), cv2.IMREAD_UNCHANGED).astype(int)
     b = cv2.imread(str(tmp_path / "o2/a_prob.png"), cv2.IMREAD_UNCHANGED).astype(int)
     assert np.abs(a - b).max() <= 0.001 * 65535
+
+
+def test_adaptive_ensemble_is_the_fixed_one_when_it_runs_every_member(tiny_bundle):
+    """All N members (a tolerance nothing meets): bit for bit the fixed N. Stopped at once (a tolerance everything
+    meets): bit for bit the fixed ensemble of that many members, since members are the same draws in order."""
+    from diffiml.runtime.localizer import AdaptiveEnsemble
+
+    image = _rgb(64, 64, seed=3)
+    fixed = {n: Localizer.open(tiny_bundle, backend="ort-cpu", steps=4, ensemble=n, seed=2).localize(image)
+             for n in (2, 5)}
+    every = Localizer.open(tiny_bundle, backend="ort-cpu", steps=4, ensemble="auto:5", seed=2,
+                           adaptive=AdaptiveEnsemble(tolerance=-1.0)).localize(image)
+    assert every.members == 5 and np.array_equal(every.model_probability, fixed[5].model_probability)
+    early = Localizer.open(tiny_bundle, backend="ort-cpu", steps=4, ensemble="auto:5", seed=2,
+                           adaptive=AdaptiveEnsemble(first=1, step=1, tolerance=1.0)).localize(image)
+    assert early.members == 2 and np.array_equal(early.model_probability, fixed[2].model_probability)
+    assert not np.array_equal(fixed[2].model_probability, fixed[5].model_probability)
+
+
+def test_adaptive_ensemble_chunks_and_parsing():
+    from diffiml.runtime.localizer import AdaptiveEnsemble, parse_ensemble
+
+    assert AdaptiveEnsemble(first=2, step=2).chunks(7) == [2, 2, 2, 1]
+    assert AdaptiveEnsemble(first=8).chunks(5) == [5]
+    assert parse_ensemble("auto:8", 5)[0] == 8 and parse_ensemble("auto", 5)[1] is not None
+    assert parse_ensemble("3", 5) == (3, None)
+    with pytest.raises(ValueError, match="auto:N"):
+        parse_ensemble("many", 5)
+
+
+def test_cli_reports_members_of_an_adaptive_ensemble(tiny_bundle, tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), _rgb(64, 64))
+    run = subprocess.run([sys.executable, "-m", "diffiml.cli", "localize", str(tmp_path / "a.png"), "--bundle",
+                          str(tiny_bundle), "--out", str(tmp_path / "out"), "--ensemble", "auto:4",
+                          "--ensemble-tolerance", "1.0", "--steps", "4"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1])["members"] == 2

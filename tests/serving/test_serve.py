@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import cv2
@@ -19,6 +18,7 @@ import pytest
 pytest.importorskip("pytriton", reason="serving tests run in .venv-serve (make serve-env)")
 pytest.importorskip("tritonclient", reason="serving tests run in .venv-serve (make serve-env)")
 
+from diffiml.benchmarks import serve_load as load
 from diffiml.benchmarks.serve_process import ServerProcess
 from diffiml.runtime.localizer import Localizer
 from diffiml.runtime.triton_client import ServerError, TritonLocalizer
@@ -30,14 +30,7 @@ FAST = {"steps": 2, "ensemble": 2}  # a schedule the bundle carries; keeps each 
 
 
 def bad_inputs() -> dict[str, bytes]:
-    """Inputs a server meets in the wild: each must fail alone, with its reason."""
-    png = SAMPLE.read_bytes()
-    huge = bytearray(png[:33])  # IHDR that claims 30000 x 30000 pixels (refused from the header, never decoded)
-    huge[16:24] = (30000).to_bytes(4, "big") * 2
-    huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")
-    corrupt = png[:200] + bytes(255 - b for b in png[200:])  # a valid header over scrambled pixel data
-    return {"corrupt": corrupt, "truncated": png[: len(png) // 3],
-            "huge": bytes(huge) + png[33:], "not an image": b"%PDF-1.4 this is not an image", "empty": b""}
+    return load.bad_inputs(SAMPLE.read_bytes())
 
 
 @pytest.fixture(scope="module")
