@@ -22,6 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ensemble", default=None, metavar="N|auto[:N]")
     p.add_argument("--ensemble-tolerance", type=float, default=None)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
     p.add_argument("--tta", action="store_true")
     p.add_argument("--backend", default="auto")
     p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
@@ -36,7 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = bench.add_parser("table4", help="the paper's Table 4: params, GMACs, FPS per backend")
     t.add_argument("--config", default="small")
     t.add_argument("--bundle", default=None, help="time this bundle (default: export random weights of --config)")
-    t.add_argument("--backends", default="torch,torch-authors,torch-fp16,torch-compile,ort-cpu,ort-cuda,tensorrt")
+    t.add_argument("--backends", default="torch,torch-authors,torch-fp16,torch-bf16,torch-cudagraph,torch-compile,"
+                                         "ort-cpu,ort-cuda,tensorrt")
+    t.add_argument("--precisions", default="fp32", help="bundle precisions for the runtime rows, e.g. fp32,fp16")
     t.add_argument("--ensemble", default="1,5")
     t.add_argument("--steps", type=int, default=8)
     t.add_argument("--batch", type=int, default=1)
@@ -93,6 +96,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(handler=serve_load)
 
+    r = bench.add_parser("roofline", help="each graph's GMAC/s against this machine's measured fp32 peak")
+    r.add_argument("--bundle", default="engines/default")
+    r.add_argument("--members", type=int, default=None, help="UNet batch (default: the bundle's ensemble)")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--runs", type=int, default=5)
+    r.add_argument("--out", required=True)
+    r.set_defaults(handler=roofline)
+
+    d = bench.add_parser("modes", help="fewer steps, int8, adaptive ensemble: timed against the authors' order")
+    d.add_argument("--config", default="paper")
+    d.add_argument("--bundle", default=None, help="time this bundle (default: export random weights of --config)")
+    d.add_argument("--modes", default="fp32:8:5,fp32:5:5,fp32:4:5,int8:8:5,int8:4:5,fp32:8:auto,fp32:4:auto")
+    d.add_argument("--image", default="examples/sample_splice.png")
+    d.add_argument("--calibration", default=None, help="int8 on random weights: images to calibrate on (JSON/folder)")
+    d.add_argument("--runs", type=int, default=3)
+    d.add_argument("--warmup", type=int, default=1)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--out", required=True)
+    d.set_defaults(handler=modes)
+
+    g = bench.add_parser("gpu-check", help="a device backend against ort-cpu fp32, every precision of a bundle")
+    g.add_argument("--bundle", default="engines/default")
+    g.add_argument("--backend", default="ort-cuda", help="the backend checked (ort-cpu stands in for a dry run)")
+    g.add_argument("--image", action="append", default=["examples/sample_splice.png"])
+    g.add_argument("--out", required=True, help="JSON file")
+    g.set_defaults(handler=gpu_check)
+
     m = bench.add_parser("memory", help="peak resident memory of localizing one huge JPEG, in a fresh process")
     m.add_argument("--bundle", default="engines/default")
     m.add_argument("--size", type=int, default=20000, help="side of the square test JPEG in pixels")
@@ -122,7 +153,8 @@ def evaluate(args: argparse.Namespace) -> int:
         from diffiml.runtime.commands import adaptive_policy
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
-                                   tta=args.tta, seed=args.seed, adaptive=adaptive_policy(args))
+                                   tta=args.tta, seed=args.seed, adaptive=adaptive_policy(args),
+                                   precision=args.precision)
     names = args.name or [Path(d).stem for d in args.data]
     if args.protocol:
         from diffiml.benchmarks.protocols import locate
@@ -164,7 +196,7 @@ def table4(args: argparse.Namespace) -> int:
 
     rows = bench_table4(args.config, args.bundle, [b.strip() for b in args.backends.split(",")],
                         [int(n) for n in args.ensemble.split(",")], args.steps, args.batch, args.sizes_only,
-                        args.runs, args.warmup, args.threads)
+                        args.runs, args.warmup, args.threads, tuple(args.precisions.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     note = (f"Measured {date.today().isoformat()}; config {args.config}; {args.runs} timed runs after {args.warmup} "
@@ -258,3 +290,50 @@ def serve_load(args: argparse.Namespace) -> int:
     print(table)
     lost = sum(r["good_lost"] for r in rows) + sum(r["bad_accepted"] for r in rows)
     return 1 if lost else 0
+
+
+def roofline(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.roofline import markdown
+    from diffiml.benchmarks.roofline import roofline as run
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args.bundle, args.members, args.threads, args.runs, args.precision)
+    result["command"] = " ".join(["diffiml", *sys.argv[1:]])
+    result["date"] = str(date.today())
+    _atomic_write(out / "roofline.json", json.dumps(result, indent=2))
+    _atomic_write(out / "roofline.md", markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def modes(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.modes import bench_modes, to_markdown
+
+    calibration = None
+    if args.calibration:
+        from diffiml.train.data.readers import read_dataset
+
+        calibration = [s.image for s in read_dataset(args.calibration)][:8]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = bench_modes(args.config, args.modes.split(","), Path(args.image), args.runs, args.warmup, args.threads,
+                       calibration, args.bundle)
+    meta = {"date": str(date.today()), "command": " ".join(["diffiml", *sys.argv[1:]])}
+    _atomic_write(out / "modes.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    _atomic_write(out / "modes.md", to_markdown(rows))
+    print(to_markdown(rows))
+    return 0
+
+
+def gpu_check(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.gpu_check import compare, environment, sample_images
+
+    report = {"environment": environment(),
+              "check": compare(args.bundle, args.backend, sample_images([Path(p) for p in args.image]))}
+    report["date"] = str(date.today())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(args.out), json.dumps(report, indent=2))
+    print(json.dumps(report["check"]))
+    failed = [p for p, r in report["check"].items() if isinstance(r, dict) and r.get("passed") is False]
+    return 1 if failed else 0

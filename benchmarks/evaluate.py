@@ -52,5 +52,7 @@ def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
             "f1": pixel_f1(pred, truth), "iou": pixel_iou(pred, truth),
             "auc": auc(prob, truth) if truth.any() else float("nan"),
             "f1_trivial": pixel_f1(np.ones_like(truth), truth),
+            "members": getattr(result, "members", 0),
+            "model_ms": sum(v for k, v in result.timings_ms.items() if k in ("encoder", "unet_steps", "decoder")),
         })
     return summarize(rows, name), rows

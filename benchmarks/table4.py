@@ -5,8 +5,9 @@ Backends:
 - ``torch``: our PyTorch reference pipeline (eager fp32), ensemble batched, condition hoisted.
 - ``torch-authors``: the authors' execution order in PyTorch eager: members one after another at batch 1, the
   condition entry recomputed at every call (40 UNet calls for N = 5). The peer to beat.
-- ``torch-fp16``, ``torch-compile``: on a GPU, the baselines a user would reach for: eager fp16, and
-  ``torch.compile(mode="reduce-overhead")`` (Inductor with CUDA graphs) of the UNet, with our batched loop.
+- ``torch-fp16``, ``torch-bf16``, ``torch-cudagraph``, ``torch-compile``: on a GPU, the baselines a user would reach
+  for: eager fp16 and bf16, the whole batched pipeline captured once with ``torch.cuda.graphs`` and replayed, and
+  ``torch.compile(mode="max-autotune")`` of the UNet (Inductor's tuned kernels, with CUDA graphs), with our loop.
 - ``ort-cpu``, ``ort-cuda``, ``tensorrt``: our runtime on an engine bundle of the same weights.
 The torch rows run on the GPU when torch sees one, else on the CPU. Each row's speed-up is over PyTorch eager fp32 on
 the same kind of device in the same run. Unavailable backends are listed with the reason, never faked.
@@ -29,8 +30,10 @@ PAPER_ROWS = [
     {"backend": "paper (RTX 3090)", "ensemble": 1, "params_m": 48.51, "gmacs": 53.01, "fps": 69.48},
     {"backend": "paper (RTX 3090)", "ensemble": 5, "params_m": 48.51, "gmacs": 102.36, "fps": 37.28},
 ]
-TORCH_BACKENDS = ("torch", "torch-authors", "torch-fp16", "torch-compile")
-GPU_ONLY = {"torch-fp16": "eager fp16", "torch-compile": "torch.compile with CUDA graphs"}
+TORCH_BACKENDS = ("torch", "torch-authors", "torch-fp16", "torch-bf16", "torch-cudagraph", "torch-compile")
+GPU_ONLY = {"torch-fp16": "eager fp16", "torch-bf16": "eager bf16", "torch-cudagraph": "torch.cuda.graphs replay",
+            "torch-compile": "torch.compile(max-autotune)"}
+TORCH_DTYPES = {"torch-fp16": "fp16", "torch-bf16": "bf16"}
 
 
 def cpu_name() -> str:
@@ -62,9 +65,10 @@ def time_runs(fn: Callable[[], dict[str, float] | None], runs: int, warmup: int)
     }
 
 
-def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_order: bool, unet: Any = None
-                   ) -> Callable[[], dict[str, float]]:
-    """The PyTorch pipeline on the model's device and dtype; ``unet`` replaces ``model.unet``'s call (compiled)."""
+def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_order: bool, unet: Any = None,
+                   staged: bool = True) -> Callable[[], dict[str, Any]]:
+    """The PyTorch pipeline on the model's device and dtype; ``unet`` replaces ``model.unet``'s call (compiled).
+    ``staged=False`` leaves out the per-stage clocks (and their synchronizations), for CUDA-graph capture."""
     import torch
 
     from diffiml.constants import LATENT_CHANNELS
@@ -76,10 +80,10 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
     noise = torch.from_numpy(ensemble_noise(0, ensemble, (2 * LATENT_CHANNELS, h, h))).to(image.device, image.dtype)
     unet = unet or model.unet
     # Kernels are asynchronous on a GPU: stage clocks are read after a synchronize.
-    sync = torch.cuda.synchronize if image.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if image.device.type == "cuda" and staged else (lambda: None)
 
     @torch.no_grad()
-    def run() -> dict[str, float]:
+    def run() -> dict[str, Any]:
         sync()
         t0 = time.perf_counter()
         cond = model.encoder(image)
@@ -98,8 +102,10 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
         z = torch.stack(finals).mean(0) if authors_order else z.view(image.shape[0], ensemble, *z.shape[1:]).mean(1)
         sync()
         t2 = time.perf_counter()
-        torch.sigmoid(model.vae.decode(z[:, :LATENT_CHANNELS]))
+        probability = torch.sigmoid(model.vae.decode(z[:, :LATENT_CHANNELS]))
         sync()
+        if not staged:
+            return {"probability": probability}
         t3 = time.perf_counter()
         return {"encoder": (t1 - t0) * 1000, "unet_steps": (t2 - t1) * 1000, "decoder": (t3 - t2) * 1000}
 
@@ -115,7 +121,8 @@ def runtime_pipeline(localizer: Any, images: list[np.ndarray]) -> Callable[[], d
 
 
 def bench_table4(config_name: str, bundle: str | None, backends: list[str], ensembles: list[int], steps: int,
-                 batch: int, sizes_only: bool, runs: int, warmup: int, threads: int | None) -> list[dict[str, Any]]:
+                 batch: int, sizes_only: bool, runs: int, warmup: int, threads: int | None,
+                 precisions: tuple[str, ...] = ("fp32",)) -> list[dict[str, Any]]:
     import torch
 
     from diffiml.train.config import get_config
@@ -144,24 +151,13 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
     if sizes_only:
         return [row(b, "fp32", n, None, "-") for b in backends for n in ensembles]
 
-    from diffiml.export.exporter import export_bundle, load_diffiml
+    from diffiml.export.exporter import load_diffiml
     from diffiml.runtime.localizer import Localizer
-    from diffiml.train.model import DiffIML
 
     if threads:
         torch.set_num_threads(threads)
     if bundle is None:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="diffiml-bench-"))
-        torch.manual_seed(0)
-        model = DiffIML(config).eval()
-        from diffiml.train.checkpoint import save_checkpoint
-
-        save_checkpoint(tmp / "run", model, {"kind": "diffiml", "model": config.to_json()})
-        bundle = str(tmp / "bundle")
-        log.info("exporting a random-weight %s bundle for timing (%s)", config_name, bundle)
-        export_bundle(tmp / "run", bundle)
+        model, bundle = random_bundle(config_name, fp16="fp16" in precisions)
     else:
         from diffiml.runtime.bundle import load_bundle
 
@@ -179,18 +175,21 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
                                     skipped=f"{GPU_ONLY[backend]} is a GPU baseline; torch sees no CUDA device"))
                     continue
                 fn = _torch_backend(backend, model, tensor, steps, n, torch_device)
-                precision = "fp16" if backend == "torch-fp16" else "fp32"
+                precision = TORCH_DTYPES.get(backend, "fp32")
                 rows.append(row(backend, precision, n, time_runs(fn, runs, warmup), torch_name))
                 rows[-1]["device_kind"] = torch_device
                 continue
-            try:
-                loc = Localizer.open(bundle, backend=backend, steps=steps, ensemble=n, threads=threads)
-            except Exception as exc:  # noqa: BLE001 - any reason a backend cannot start is reported, not raised
-                rows.append(row(backend, "-", n, None, "-", skipped=str(exc)))
-                continue
-            dev = device if loc.backend == "ort-cpu" else loc.backend
-            rows.append(row(loc.backend, "fp32", n, time_runs(runtime_pipeline(loc, images), runs, warmup), dev))
-            rows[-1]["device_kind"] = "cpu" if loc.backend == "ort-cpu" else "cuda"
+            for precision in precisions:
+                try:
+                    loc = Localizer.open(bundle, backend=backend, steps=steps, ensemble=n, threads=threads,
+                                         precision=precision)
+                except Exception as exc:  # noqa: BLE001 - any reason a backend cannot start is reported, not raised
+                    rows.append(row(backend, precision, n, None, "-", skipped=str(exc)))
+                    continue
+                dev = device if loc.backend == "ort-cpu" else loc.backend
+                timing = time_runs(runtime_pipeline(loc, images), runs, warmup)
+                rows.append(row(loc.backend, precision, n, timing, dev))
+                rows[-1]["device_kind"] = "cpu" if loc.backend == "ort-cpu" else "cuda"
     reference = {(r["device_kind"], r["ensemble"]): r["latency_ms_p50"] for r in rows
                  if r["backend"] == "torch" and r["latency_ms_p50"]}
     for r in rows:
@@ -200,6 +199,33 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
     return rows
 
 
+def random_bundle(config_name: str, int8_calibration: list[Path] | None = None, fp16: bool = False
+                  ) -> tuple[Any, str]:
+    """(model, bundle folder): random weights of ``config_name`` (seed 0) exported to a temporary bundle, for timing
+    only; with ``int8_calibration`` images it also carries int8 graphs, with ``fp16`` fp16 graphs (a random model's
+    masks mean nothing, so their agreement with fp32 is not held to any bound)."""
+    import tempfile
+
+    import torch
+
+    from diffiml.export.exporter import export_bundle
+    from diffiml.train.checkpoint import save_checkpoint
+    from diffiml.train.config import get_config
+    from diffiml.train.model import DiffIML
+
+    config = get_config(config_name)
+    tmp = Path(tempfile.mkdtemp(prefix="diffiml-bench-"))
+    torch.manual_seed(0)
+    model = DiffIML(config).eval()
+    save_checkpoint(tmp / "run", model, {"kind": "diffiml", "model": config.to_json()})
+    bundle = str(tmp / "bundle")
+    log.info("exporting a random-weight %s bundle for timing (%s)", config_name, bundle)
+    export_bundle(tmp / "run", bundle, int8_calibration=int8_calibration,
+                  check_images=int8_calibration[-2:] if int8_calibration else None, int8_min_agreement=0.0,
+                  fp16=fp16)
+    return model, bundle
+
+
 def _torch_backend(backend: str, model: Any, image: Any, steps: int, ensemble: int, device: str
                    ) -> Callable[[], dict[str, float]]:
     """One torch row's pipeline: the model moved (a copy, for fp16) to the device, compiled for torch-compile."""
@@ -207,14 +233,40 @@ def _torch_backend(backend: str, model: Any, image: Any, steps: int, ensemble: i
 
     import torch
 
-    dtype = torch.float16 if backend == "torch-fp16" else torch.float32
-    moved = copy.deepcopy(model).to(device, dtype) if backend == "torch-fp16" else model.to(device)
+    dtype = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16}.get(backend, torch.float32)
+    moved = copy.deepcopy(model).to(device, dtype) if dtype != torch.float32 else model.to(device)
     unet = None
     if backend == "torch-compile":
-        # reduce-overhead = Inductor kernels replayed as CUDA graphs; the condition entry stays eager (once per image).
-        unet = torch.compile(moved.unet, mode="reduce-overhead")
+        # max-autotune: Inductor tunes its kernels and replays them as CUDA graphs; the condition entry stays eager.
+        unet = torch.compile(moved.unet, mode="max-autotune")
+    if backend == "torch-cudagraph":
+        return _cuda_graph_pipeline(moved, image.to(device), steps, ensemble)
     return torch_pipeline(moved, image.to(device, dtype), steps, ensemble,
                           authors_order=backend == "torch-authors", unet=unet)
+
+
+def _cuda_graph_pipeline(model: Any, image: Any, steps: int, ensemble: int) -> Callable[[], None]:
+    """The whole batched pipeline (encoder, K steps, decoder) captured once with ``torch.cuda.graphs`` and replayed:
+    what a PyTorch user does to remove launch overhead by hand. No stage clocks inside a graph."""
+    import torch
+
+    static = image.clone()
+    run = torch_pipeline(model, static, steps, ensemble, authors_order=False, staged=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (cuDNN/cuBLAS choose their kernels here)
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    def replay() -> None:
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return replay
 
 
 def to_markdown(rows: list[dict[str, Any]], info_note: str = "") -> str:

@@ -96,11 +96,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None,
-                  steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused") -> dict[str, Any]:
+                  steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused",
+                  int8_calibration: list[Path] | None = None, check_images: list[Path] | None = None,
+                  int8_min_agreement: float | None = None, fp16: bool = False) -> dict[str, Any]:
     """Write the bundle into ``out`` (replacing it only once everything passed) and return its manifest.
 
     ``attention="fused"`` (for onnxruntime) writes the UNet's attention as one fused operator; "standard" keeps plain
-    ONNX ops, which TensorRT's parser needs (``diffiml.export.attention``)."""
+    ONNX ops, which TensorRT's parser needs (``diffiml.export.attention``). With ``int8_calibration`` images, the
+    bundle also carries int8 graphs (``diffiml.export.quantize``); with ``fp16``, fp16 graphs for CUDA
+    (``diffiml.export.half``). Each reduced precision is compared with fp32 on ``check_images``."""
     torch.manual_seed(0)
     model, ckpt = load_diffiml(checkpoint)
     cfg = model.config
@@ -151,5 +155,20 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     load_bundle(staging)  # the runtime's own validation, before the bundle replaces anything
+    precisions: dict[str, Any] = {}
+    if int8_calibration:
+        from diffiml.export.quantize import MIN_MASK_AGREEMENT, add_int8
+
+        threshold = MIN_MASK_AGREEMENT if int8_min_agreement is None else int8_min_agreement
+        precisions["int8"] = add_int8(staging, int8_calibration, check_images or int8_calibration[-4:],
+                                      min_agreement=threshold)
+    if fp16:
+        from diffiml.export.half import add_fp16
+
+        precisions["fp16"] = add_fp16(staging, check=check_images or [])
+    if precisions:
+        manifest["precisions"] = precisions
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        load_bundle(staging)
     replace_folder(staging, out)
     return manifest

@@ -15,7 +15,8 @@ from diffiml.files import sha256_of
 from diffiml.runtime.errors import BundleError
 from diffiml.schedule import DdimPlan
 
-FORMAT_VERSION = 2  # 2: graphs list the operator domains they use (fused attention is com.microsoft)
+FORMAT_VERSION = 3  # 3: optional reduced-precision graphs (`precisions`); 2: graphs list their operator domains
+PRECISIONS = ("fp32", "int8", "fp16")
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
 SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
 # The tensors the runtime feeds and reads, per graph (inputs, outputs); a bundle naming others is refused.
@@ -95,8 +96,20 @@ class Bundle:
                               f"(available: {sorted(int(k) for k in schedules)}); re-export with --steps")
         return DdimPlan.from_json(schedules[str(steps)])
 
-    def graph(self, name: str) -> GraphEntry:
-        g = self.manifest["graphs"].get(name)
+    @property
+    def precisions(self) -> list[str]:
+        """The precisions this bundle carries: always fp32, and those `diffiml export --precision` added."""
+        return ["fp32", *sorted(self.manifest.get("precisions", {}))]
+
+    def graph(self, name: str, precision: str = "fp32") -> GraphEntry:
+        """The graph to run at ``precision``: its own file where that precision replaced it (e.g. the int8 encoder
+        and UNet), else the fp32 graph (e.g. the decoder, kept fp32)."""
+        if precision not in self.precisions:
+            have = ", ".join(self.precisions)
+            raise BundleError(f"{self.root}: no {precision} graphs in this bundle (it has {have}); "
+                              f"export with --precision {precision}")
+        g = self.manifest.get("precisions", {}).get(precision, {}).get("graphs", {}).get(name)
+        g = g or self.manifest["graphs"].get(name)
         if g is None:
             raise BundleError(f"{self.root}: the manifest has no {name} graph")
         return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"], tuple(g["domains"]))
@@ -132,6 +145,15 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         if names != GRAPH_IO[name]:
             raise BundleError(f"{where}: graph {name!r} has tensors {names}, but this runtime feeds and reads "
                               f"{GRAPH_IO[name]}")
+    for precision, entry in manifest.get("precisions", {}).items():
+        if precision not in PRECISIONS[1:] or not isinstance(entry, dict) or not isinstance(entry.get("graphs"), dict):
+            raise BundleError(f"{where}: precision {precision!r} is not one this runtime reads ({PRECISIONS[1:]}) "
+                              "or has no graphs")
+        for name, g in entry["graphs"].items():
+            if name not in GRAPH_NAMES or not {"file", "sha256", "inputs", "outputs", "domains"} <= set(g):
+                raise BundleError(f"{where}: the {precision} entry for graph {name!r} is incomplete or unknown")
+            if [t.get("name") for t in g["inputs"]] != [t["name"] for t in manifest["graphs"][name]["inputs"]]:
+                raise BundleError(f"{where}: the {precision} {name} graph's inputs differ from the fp32 graph's")
     spec = manifest["input"]
     asked = {k: spec.get(k) for k in SUPPORTED_INPUT}
     if asked != SUPPORTED_INPUT or not all(k in spec for k in ("size", "scale", "mean", "std")):
@@ -149,7 +171,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
 
 
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
-    """Read and validate ``root/manifest.json``; with ``verify``, check every fp32 graph's sha256."""
+    """Read and validate ``root/manifest.json``; with ``verify``, check the sha256 of every graph file it lists."""
     root = Path(root)
     path = root / "manifest.json"
     if not path.is_file():
@@ -161,7 +183,8 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     validate_manifest(manifest, path)
     bundle = Bundle(root, manifest)
     if verify:
-        for name in GRAPH_NAMES:
-            g = bundle.graph(name)
-            verify_file(g.path, g.sha256)
+        for precision in bundle.precisions:
+            for name in GRAPH_NAMES:
+                g = bundle.graph(name, precision)
+                verify_file(g.path, g.sha256)
     return bundle

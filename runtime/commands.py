@@ -26,6 +26,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                   help="which of the bundle's graphs to run (int8: CPU; fp16: CUDA)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ensemble", default=None, metavar="N|auto[:N]",
                    help="ensemble members, or auto: stop adding members once the mask settles (at most N)")
@@ -45,6 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a bundle with NVIDIA Triton Inference Server (PyTriton)")
     s.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
     s.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
+    s.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port; gRPC is PORT+1, metrics PORT+2")
     s.add_argument("--max-batch", type=int, default=8, help="largest batch of requests (1: no dynamic batching)")
@@ -64,7 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     run_server(ServeOptions(bundle=Path(args.bundle), backend=args.backend, host=args.host, http_port=args.port,
                             grpc_port=args.port + 1, metrics_port=args.port + 2, max_batch=args.max_batch,
                             max_queue_delay_ms=args.max_queue_delay_ms, instances=args.instances,
-                            threads=args.threads))
+                            threads=args.threads, precision=args.precision))
     return 0
 
 
@@ -131,7 +134,7 @@ def localize(args: argparse.Namespace) -> int:
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
-                                   adaptive=adaptive_policy(args))
+                                   adaptive=adaptive_policy(args), precision=args.precision)
     out = _output_folder(args.out)
     failures = 0
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):

@@ -134,15 +134,17 @@ class Localizer:
     @staticmethod
     def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None,
              ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
-             threads: int | None = None, adaptive: AdaptiveEnsemble | None = None) -> Localizer:
-        """Load and verify a bundle (sha256 of every graph) and its engines for ``backend``.
+             threads: int | None = None, adaptive: AdaptiveEnsemble | None = None, precision: str = "fp32"
+             ) -> Localizer:
+        """Load and verify a bundle (sha256 of every graph) and its engines for ``backend`` at ``precision``
+        (``fp32``, or a reduced precision the bundle carries: ``int8`` for CPU, ``fp16`` for CUDA).
 
         ``ensemble``: a member count, or ``"auto"`` / ``"auto:N"`` for an adaptive ensemble of at most N members
         (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``)."""
         bundle = load_bundle(bundle_dir)
         n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
-        return Localizer(bundle, open_backend(bundle, backend, threads), steps or bundle.default_steps, n, tta, seed,
-                         uncertainty, adaptive)
+        return Localizer(bundle, open_backend(bundle, backend, threads, precision), steps or bundle.default_steps, n,
+                         tta, seed, uncertainty, adaptive)
 
     def localize(self, image: ImageInput | DecodedImage) -> LocalizationResult:
         return self.localize_batch([image])[0]

@@ -217,6 +217,7 @@ class ServeOptions:
     instances: int = 1
     threads: int | None = None  # intra-op threads per instance; default: the cores shared among the instances
     exit_timeout_s: int = 30
+    precision: str = "fp32"
 
 
 def open_instances(options: ServeOptions) -> list[InstanceModel]:
@@ -224,7 +225,8 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     BundleError / BackendUnavailableError before any server starts."""
     bundle = load_bundle(options.bundle)
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.instances)
-    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads)) for _ in range(options.instances)]
+    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision))
+              for _ in range(options.instances)]
     for model in models:
         _warm_up(model)
     return models

@@ -162,3 +162,49 @@ def test_engines_built_for_another_gpu_or_tensorrt_are_refused_naming_both(tiny_
     assert set(select_engines(type(bundle)(bundle.root, manifest), {**here, "compute_capability": "8.6",
                                                                     "tensorrt_version": "10.3.0"})) == {
         "condition_encoder", "unet", "mask_decoder"}
+
+
+def test_reduced_precisions_are_checked_verified_and_used(tiny_run, synthetic_set, tmp_path, tiny_bundle):
+    """int8: QDQ graphs for the encoder and UNet (the decoder stays fp32); fp16: every graph in fp16 but the DDIM
+    update, normalizations and sigmoid. Both compared with fp32 and recorded, verified by sha256 like every graph,
+    run by the runtime when asked for, refused where absent."""
+    import onnx
+
+    from diffiml.runtime.localizer import Localizer
+    from diffiml.train.data.readers import read_dataset
+
+    images = [s.image for s in read_dataset(synthetic_set / "train.json")]
+    out = tmp_path / "reduced"
+    manifest = export_bundle(tiny_run, out, int8_calibration=images[:8], check_images=images[8:11],
+                             int8_min_agreement=0.0, fp16=True)
+    int8, fp16 = manifest["precisions"]["int8"], manifest["precisions"]["fp16"]
+    assert set(int8["graphs"]) == {"condition_encoder", "unet"}
+    assert set(fp16["graphs"]) == {"condition_encoder", "unet", "mask_decoder"}
+    for entry in (int8, fp16):
+        assert 0.0 <= entry["checks"]["mask_agreement_vs_fp32"] <= 1.0 and entry["checks"]["images"] == 3
+    for g in int8["graphs"].values():
+        assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(out / g["file"])).graph.node}
+    unet16 = onnx.load(str(out / fp16["graphs"]["unet"]["file"]))
+    assert {i.data_type for i in unet16.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert {i.type.tensor_type.elem_type for i in unet16.graph.input} == {onnx.TensorProto.FLOAT}
+    # the DDIM update (outside the /unet/ module) reads fp32: a Cast to fp32 feeds it
+    update_inputs = {i for n in unet16.graph.node if n.name in ("/Clip", "/Sub") for i in n.input}
+    casts = {n.output[0]: n for n in unet16.graph.node if n.op_type == "Cast"}
+    assert any(casts[i].attribute[0].i == onnx.TensorProto.FLOAT for i in update_inputs if i in casts)
+
+    bundle = load_bundle(out)
+    assert bundle.precisions == ["fp32", "fp16", "int8"]
+    assert bundle.graph("mask_decoder", "int8").path.name == "mask_decoder.onnx"
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    fp32 = Localizer.open(out, backend="ort-cpu", steps=4, ensemble=2).localize(image).model_probability
+    for precision, bound in (("int8", 0.25), ("fp16", 0.02)):
+        got = Localizer.open(out, backend="ort-cpu", steps=4, ensemble=2, precision=precision).localize(image)
+        assert not np.array_equal(got.model_probability, fp32), precision  # that precision's graphs really ran
+        assert np.abs(got.model_probability - fp32).max() < bound, precision
+
+    with pytest.raises(BundleError, match="no int8 graphs"):
+        Localizer.open(tiny_bundle, backend="ort-cpu", precision="int8")
+    with open(out / int8["graphs"]["unet"]["file"], "ab") as f:
+        f.write(b"x")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(out)

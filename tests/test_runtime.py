@@ -293,3 +293,20 @@ def test_cli_reports_members_of_an_adaptive_ensemble(tiny_bundle, tmp_path):
                           "--ensemble-tolerance", "1.0", "--steps", "4"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.splitlines()[-1])["members"] == 2
+
+
+def test_cuda_available_needs_a_working_cuda_session(monkeypatch):
+    """A wheel that lists the CUDA provider is not proof of a GPU: the probe session must keep CUDA and compute."""
+    import onnxruntime as ort
+
+    from diffiml.runtime.backends import ort_backend
+
+    probe = ort.InferenceSession(ort_backend._RELU_PROBE, providers=["CPUExecutionProvider"])
+    assert probe.run(None, {"x": np.array([-1, 0, 1, 2], np.float32)})[0].tolist() == [0, 0, 1, 2]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    ort_backend.cuda_available.cache_clear()
+    try:
+        if "CUDAExecutionProvider" not in ort.capi._pybind_state.get_available_providers():
+            assert ort_backend.cuda_available() is False  # listed, but the session fell back to the CPU
+    finally:
+        ort_backend.cuda_available.cache_clear()

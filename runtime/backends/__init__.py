@@ -18,16 +18,19 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
 
 
-def open_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None) -> Backend:
-    """The backend ``kind`` for ``bundle``; BackendUnavailableError (or BundleError) when it cannot serve it."""
+def open_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None, precision: str = "fp32"
+                 ) -> Backend:
+    """The backend ``kind`` for ``bundle``'s graphs at ``precision``; BackendUnavailableError (or BundleError) when
+    it cannot serve them."""
     if kind not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    bundle.graph(GRAPH_NAMES[0], precision)  # BundleError now if the bundle lacks that precision
     if kind != "auto":
-        return _open(bundle, kind, threads)
+        return _open(bundle, kind, threads, precision)
     skipped: dict[str, str] = {}
     for name in AUTO_ORDER:
         try:
-            backend = _open(bundle, name, threads)
+            backend = _open(bundle, name, threads, precision)
         except (BackendUnavailableError, BundleError) as exc:
             skipped[name] = str(exc)
             continue
@@ -38,8 +41,11 @@ def open_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None)
     raise BackendUnavailableError(f"no backend can run this bundle: {'; '.join(skipped.values())}")
 
 
-def _open(bundle: Bundle, name: str, threads: int | None) -> Backend:
+def _open(bundle: Bundle, name: str, threads: int | None, precision: str) -> Backend:
     if name == "tensorrt":
+        if precision != "fp32":
+            raise BackendUnavailableError(f"tensorrt: engines get their precision from build-engines; the {precision} "
+                                          "ONNX graphs are for onnxruntime")
         from diffiml.runtime.backends import tensorrt_backend
 
         reason = tensorrt_backend.unavailable_reason()
@@ -51,8 +57,8 @@ def _open(bundle: Bundle, name: str, threads: int | None) -> Backend:
 
     device = "cuda" if name == "ort-cuda" else "cpu"
     if device == "cuda" and not cuda_available():
-        raise BackendUnavailableError("ort-cuda: this onnxruntime has no CUDAExecutionProvider "
-                                      "(install onnxruntime-gpu and a CUDA driver)")
-    engines = {g: OrtEngine(bundle.graph(g), device, threads) for g in GRAPH_NAMES}
+        raise BackendUnavailableError("ort-cuda: onnxruntime cannot run on a CUDA device here (it needs "
+                                      "onnxruntime-gpu, a GPU, its driver and the CUDA libraries)")
+    engines = {g: OrtEngine(bundle.graph(g, precision), device, threads) for g in GRAPH_NAMES}
     loop = OrtCudaStepLoop(engines["unet"]) if device == "cuda" else HostStepLoop(engines["unet"])
     return Backend(name, dict(engines), loop)

@@ -6,8 +6,10 @@ the device for the whole step loop (two ping-pong buffers), and a user compute s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,42 @@ def ort_module():  # noqa: ANN201 - the onnxruntime module
     try:
         import onnxruntime
     except ImportError as exc:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
+        raise BackendUnavailableError("onnxruntime is not installed: pip install 'diffiml[cpu]' (or 'diffiml[gpu]' "
+                                      "for onnxruntime-gpu; not both)") from exc
     return onnxruntime
 
 
+# y = Relu(x), x: float[4], opset 17, IR 8: onnx.helper's serialization, kept as bytes (the runtime needs no onnx).
+_RELU_PROBE = (b'\x08\x08:7\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n'
+               b'\x02\x08\x04b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x04B\x04\n\x00\x10\x11')
+
+
+@functools.lru_cache(maxsize=1)
 def cuda_available() -> bool:
+    """Whether onnxruntime can really run on a CUDA device here. Every onnxruntime-gpu wheel lists the CUDA provider,
+    with or without a GPU, driver or CUDA libraries, and a session then falls back to the CPU silently: so run a
+    one-node graph and check that the session kept the CUDA provider."""
     try:
-        return "CUDAExecutionProvider" in ort_module().get_available_providers()
+        ort = ort_module()
     except BackendUnavailableError:
+        return False
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21: the CUDA/cuDNN libraries of the NVIDIA wheels
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - absent libraries surface as the session check below
+            pass
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        session = ort.InferenceSession(_RELU_PROBE, sess_options=opts, providers=["CUDAExecutionProvider"])
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            return False
+        out = session.run(None, {"x": np.array([-1, 0, 1, 2], np.float32)})[0]
+        return bool(np.array_equal(out, [0, 0, 1, 2]))
+    except Exception as exc:  # noqa: BLE001 - any failure means: no usable CUDA here
+        log.info("onnxruntime lists CUDA, but a CUDA session failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return False
 
 
@@ -46,23 +76,33 @@ def session_options(threads: int | None = None):  # noqa: ANN201
 
 
 class OrtEngine:
-    """One graph in one onnxruntime session. Not thread-safe by itself: the Localizer serializes calls."""
+    """One graph in one onnxruntime session. Not thread-safe by itself: the Localizer serializes calls.
+
+    The session is created on first use: on CUDA the UNet-step graph normally runs only in the step loop's own
+    CUDA-graph session, and a second session would hold a second copy of its weights in GPU memory."""
 
     def __init__(self, graph: GraphEntry, device: str = "cpu", threads: int | None = None) -> None:
-        ort = ort_module()
-        self.graph, self.device = graph, device
-        providers: list = ["CPUExecutionProvider"]
+        self.graph, self.device, self.threads = graph, device, threads
+        self.providers: list = ["CPUExecutionProvider"]
         if device == "cuda":
             if not cuda_available():
-                raise BackendUnavailableError("ort-cuda: this onnxruntime has no CUDAExecutionProvider "
+                raise BackendUnavailableError("ort-cuda: onnxruntime cannot run on a CUDA device here "
                                               "(install onnxruntime-gpu and a CUDA driver)")
-            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(Path(graph.path)), sess_options=session_options(threads),
-                                            providers=providers)
+            self.providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         self.output_dtypes = {t["name"]: _NP[t["dtype"]] for t in graph.outputs}
-        self._binding = self.session.io_binding()
         self._outputs: dict[str, np.ndarray] = {}
         self._shape_key: tuple | None = None
+        if device == "cpu":
+            self.session  # noqa: B018 - create it now: a bad graph fails at open, not at the first image
+
+    @functools.cached_property
+    def session(self):  # noqa: ANN201 - an onnxruntime InferenceSession
+        return ort_module().InferenceSession(str(Path(self.graph.path)), sess_options=session_options(self.threads),
+                                             providers=self.providers)
+
+    @functools.cached_property
+    def _binding(self):  # noqa: ANN202
+        return self.session.io_binding()
 
     def _output_shapes(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
         sizes: dict[str, int] = {}
@@ -123,6 +163,9 @@ class OrtCudaStepLoop:
             log.warning("ort-cuda: CUDA graphs unavailable (%s); running the step loop without them", exc)
             self.session, self.graphs = engine.session, False
         self._key: tuple | None = None
+        # onnxruntime keeps captured CUDA graphs per calling thread: a Localizer shared by threads would capture all
+        # K graphs again in each. Every call of the loop therefore runs on this one thread.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-cuda-steps")
 
     def _graph_session(self):  # noqa: ANN202 - an onnxruntime InferenceSession
         return ort_module().InferenceSession(str(self.engine.graph.path), sess_options=session_options(),
@@ -153,6 +196,21 @@ class OrtCudaStepLoop:
 
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
                  coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
+        args = (latents, cond_features, timesteps, coef_x0, coef_xt, sqrt_alpha)
+        return self._thread.submit(self._run_once_or_without_graphs, *args).result()
+
+    def _run_once_or_without_graphs(self, *args: np.ndarray) -> np.ndarray:
+        try:
+            return self._run(*args)
+        except Exception as exc:  # noqa: BLE001 - a capture can fail late (a new shape, memory); the loop still runs
+            if not self.graphs:
+                raise
+            log.warning("ort-cuda: CUDA graph run failed (%s); continuing without graphs", exc)
+            self.session, self.graphs, self._key = self.engine.session, False, None
+            return self._run(*args)
+
+    def _run(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
+             coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         ort = ort_module()
         tables = np.stack([timesteps, coef_x0, coef_xt, sqrt_alpha]).astype(np.float32)
         self._prepare(latents, cond_features, tables)

@@ -1,0 +1,64 @@
+"""An fp16 precision for CUDA bundles: every graph converted with onnxruntime's own float16 converter, keeping
+fp32 where fp16 loses what the model needs: the DDIM update at the end of the UNet-step graph (it carries the
+latents from step to step), normalization statistics, softmax and the decoder's sigmoid. Inputs and outputs stay
+fp32, so the runtime feeds and reads the same tensors at every precision.
+
+The export checks the fp16 graphs against fp32 with onnxruntime's CPU provider (mask agreement, max |Δp|); the
+numbers that matter for deployment are those of the CUDA provider, which ``benchmarks/gpu/run.sh`` measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffiml.export.precision_check import compare_precisions
+from diffiml.files import sha256_of
+from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle
+
+FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization", "ReduceMean",
+            "Softmax", "Sigmoid", "Pow", "Sqrt", "Erf"]
+
+
+def fp32_nodes(model: Any, graph: str) -> list[str]:
+    """Nodes that stay fp32 by name: the UNet-step graph's DDIM update (every node outside the ``/unet/`` module)."""
+    if graph != "unet":
+        return []
+    return [n.name for n in model.graph.node if not n.name.startswith("/unet/") and n.op_type != "Constant"]
+
+
+def convert_graph(fp32_path: Path, out_path: Path, graph: str) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS,
+                                    node_block_list=fp32_nodes(model, graph))
+    onnx.save(half, str(out_path))
+
+
+def add_fp16(bundle_dir: Path, check: Sequence[Any] = ()) -> dict[str, Any]:
+    """Write ``GRAPH.fp16.onnx`` for every graph, compare with fp32 on ``check`` images (CPU), and return the
+    manifest's ``precisions.fp16`` entry."""
+    import onnx
+
+    bundle = load_bundle(bundle_dir)
+    graphs: dict[str, Any] = {}
+    for name in GRAPH_NAMES:
+        fp32 = bundle.graph(name)
+        out = Path(bundle_dir) / f"{name}.fp16.onnx"
+        convert_graph(fp32.path, out, name)
+        graphs[name] = {"file": out.name, "sha256": sha256_of(out), "precision": "fp16", "inputs": fp32.inputs,
+                        "outputs": fp32.outputs,
+                        "domains": sorted({o.domain for o in onnx.load(str(out)).opset_import})}
+    entry: dict[str, Any] = {"graphs": graphs, "fp32_ops": FP32_OPS,
+                             "fp32_nodes": "the UNet-step graph's DDIM update"}
+    if check:
+        bundle.manifest.setdefault("precisions", {})["fp16"] = entry
+        agreement, max_dp = compare_precisions(bundle, "fp16", check, bundle.default_steps, bundle.default_ensemble)
+        entry["checks"] = {"mask_agreement_vs_fp32": agreement, "max_abs_probability_diff_vs_fp32": max_dp,
+                           "images": len(check), "provider": "CPUExecutionProvider"}
+    else:
+        entry["checks"] = {}
+    return entry
