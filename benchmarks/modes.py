@@ -80,3 +80,36 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['mode']} | {r['members']} | {r['latency_ms_p50']} | {r['latency_ms_p90']} | {stages} | "
                      f"{r['speedup_vs_authors']} |")
     return "\n".join(lines) + "\n"
+
+
+def accuracy_table(folder: Path, reference: str = "fp32_k8_n5", tolerance: float = 0.01) -> str:
+    """The markdown table of ``benchmarks/modes_accuracy.sh``'s results: F1 per mode and its change from the
+    reference mode, on each set, and whether both stay within ``tolerance``."""
+    import json
+
+    def load(name: str) -> dict[str, dict[str, Any]]:
+        return {r["name"]: r for r in json.loads((folder / f"f1_{name}.json").read_text())["datasets"]}
+
+    ref = load(reference)
+    names = sorted((p.stem[3:] for p in folder.glob("f1_*.json")),
+                   key=lambda n: (n.split("_")[0] != "fp32", "auto" in n, -int(n.split("_")[1][1:]), n))
+    sets = list(ref)
+    lines = ["| precision | K | N | " + " | ".join(f"{s} F1 (Δ) | {s} AUC" for s in sets)
+             + " | members used | within ±" + f"{tolerance} |", "|---" * (5 + 2 * len(sets)) + "|"]
+    for name in names:
+        rows = load(name)
+        precision, k, n = name.split("_")[:3]
+        n = (f"auto (tol {'0.01' if name.endswith('t01') else '0.002'})" if n == "auto" else n[1:])
+        deltas = [rows[s]["f1"] - ref[s]["f1"] for s in sets]
+        cells = " | ".join(f"{rows[s]['f1']:.4f} ({d:+.4f}) | {rows[s]['auc']:.3f}" for s, d in zip(sets, deltas,
+                                                                                                    strict=True))
+        members = " / ".join(f"{rows[s]['mean_members']:.2f}" for s in sets)
+        ok = "reference" if name == reference else ("yes" if all(abs(d) <= tolerance for d in deltas) else "no")
+        lines.append(f"| {precision} | {k[1:]} | {n} | {cells} | {members} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(accuracy_table(Path(sys.argv[1])))

@@ -96,6 +96,21 @@ def adaptive_policy(args: argparse.Namespace):  # -> AdaptiveEnsemble | None (im
     return AdaptiveEnsemble(tolerance=args.ensemble_tolerance)
 
 
+def _print_record(path: Path, result, backend: str, t0: float, files: dict[str, str],  # noqa: ANN001
+                  truth: str | None) -> None:
+    """One JSON line per localized image (the same for a local run and a server's answer)."""
+    from diffiml.runtime.image_io import load_image
+    from diffiml.runtime.metrics import pixel_f1
+
+    record = {"path": str(path), "score": round(result.score, 4),
+              "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": backend,
+              "members": result.members, "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+              "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
+    if truth:
+        record["f1"] = round(pixel_f1(result.mask, load_image(truth).rgb[..., 0] >= 128), 4)
+    print(json.dumps(record), flush=True)
+
+
 def _output_folder(name: str) -> Path:
     """An unusable --out is one line before any work, not one failure per image."""
     out = Path(name)
@@ -112,7 +127,6 @@ def localize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diffiml.runtime.image_io import load_image
-    from diffiml.runtime.metrics import pixel_f1
     from diffiml.runtime.outputs import write_outputs
 
     paths = expand_inputs(args.inputs)
@@ -148,15 +162,7 @@ def localize(args: argparse.Namespace) -> int:
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             tqdm.write(f"diffiml localize: {message}", file=sys.stderr)  # on its own line, not after the bar
             continue
-        record = {"path": str(path), "score": round(result.score, 4),
-                  "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": localizer.backend,
-                  "members": result.members,
-                  "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
-                  "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
-        if args.truth and len(paths) == 1:
-            truth = load_image(args.truth).rgb[..., 0] >= 128
-            record["f1"] = round(pixel_f1(result.mask, truth), 4)
-        print(json.dumps(record), flush=True)
+        _print_record(path, result, localizer.backend, t0, files, args.truth if len(paths) == 1 else None)
     if failures:
         print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)
     return 1 if failures else 0
@@ -167,7 +173,6 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     from tqdm import tqdm
 
     from diffiml.runtime.image_io import MAX_BYTES, load_image
-    from diffiml.runtime.metrics import pixel_f1
     from diffiml.runtime.outputs import write_outputs
     from diffiml.runtime.triton_client import TritonLocalizer
 
@@ -196,15 +201,8 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
             message = str(exc).replace("<bytes>", str(path)) if "<bytes>" in str(exc) else f"{path}: {exc}"
             tqdm.write(f"diffiml localize: {message}", file=sys.stderr)
             continue
-        record = {"path": str(path), "score": round(result.score, 4),
-                  "manipulated_fraction": round(result.manipulated_fraction, 4),
-                  "backend": f"{answer.info.get('backend', '?')}@{args.server}",
-                  "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
-                  "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
-        if args.truth and len(paths) == 1:
-            truth = load_image(args.truth).rgb[..., 0] >= 128
-            record["f1"] = round(pixel_f1(result.mask, truth), 4)
-        print(json.dumps(record), flush=True)
+        backend = f"{answer.info.get('backend', '?')}@{args.server}"
+        _print_record(path, result, backend, t0, files, args.truth if len(paths) == 1 else None)
     client.close()
     if failures:
         print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)

@@ -2,6 +2,7 @@
 benchmarks/, measured, never asserted)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,29 @@ def test_roofline_counts_the_work_torch_counts(tiny_bundle, tiny_run):
         assert graphs[graph]["gmacs"] == pytest.approx(parts[part], rel=0.02, abs=6e-4), graph
     assert 0 < result["peak_gmac_per_s"]["peak"] and all(g["ms"] > 0 for g in graphs.values())
     assert abs(sum(graphs["unet"]["time_share_pct"].values()) - 100) < 1
+
+
+def test_bench_modes_times_each_mode_against_the_authors_order(tmp_path):
+    from diffiml.benchmarks.modes import accuracy_table, bench_modes, parse_mode
+
+    assert parse_mode("int8:4:auto") == ("int8", 4, "auto")
+    with pytest.raises(ValueError, match="PRECISION:K:N"):
+        parse_mode("fp32:4")
+    image = Path(__file__).resolve().parents[1] / "examples" / "sample_splice.png"
+    rows = bench_modes("tiny", ["fp32:2:2", "fp32:2:auto"], image, runs=1, warmup=0, threads=1)
+    assert [r["mode"] for r in rows] == ["torch-authors fp32:8:5", "torch fp32:8:5", "runtime fp32:2:2",
+                                         "runtime fp32:2:auto"]
+    assert rows[0]["speedup_vs_authors"] == 1.0 and all(r["latency_ms_p50"] > 0 for r in rows)
+    assert rows[2]["members"] == 2 and 2 <= rows[3]["members"] <= 5
+
+    def report(f1_dev, f1_syn, members):
+        return {"datasets": [{"name": "dev", "f1": f1_dev, "auc": 0.7, "mean_members": members},
+                             {"name": "syn", "f1": f1_syn, "auc": 0.8, "mean_members": members}]}
+
+    for name, values in {"fp32_k8_n5": (0.15, 0.60, 5), "fp32_k4_n3": (0.145, 0.605, 3),
+                         "fp32_k2_n5": (0.12, 0.60, 5)}.items():
+        (tmp_path / f"f1_{name}.json").write_text(json.dumps(report(*values)))
+    table = accuracy_table(tmp_path)
+    lines = {line.split("|")[2].strip() + ":" + line.split("|")[3].strip(): line for line in table.splitlines()[2:]}
+    assert lines["4:3"].rstrip(" |").endswith("yes") and lines["2:5"].rstrip(" |").endswith("no")
+    assert lines["8:5"].rstrip(" |").endswith("reference")

@@ -17,7 +17,8 @@ from diffiml.runtime.backends.cuda_memory import DeviceBuffer, check, cudart
 from diffiml.runtime.bundle import GRAPH_NAMES, Bundle, verify_file
 from diffiml.runtime.errors import BackendUnavailableError, BundleError
 
-_NP = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.float32, "INT64": np.int64, "INT32": np.int32}
+# numpy has no bfloat16: an engine whose I/O tensors are BF16 is refused (build-engines keeps I/O in fp32).
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
 
 
 def unavailable_reason() -> str | None:
@@ -83,6 +84,7 @@ class TrtContext:
         self.max_images = 2 * min(int(e["max_images"]) for e in entries.values())
         self.max_members = 2 * min(int(e["max_members"]) for e in entries.values())
         self.engines: dict[str, Any] = {}
+        self.users: list[TrtEngine] = []  # the TrtEngines on this context, closed with it
         for name, entry in entries.items():
             path = bundle.root / entry["file"]
             verify_file(path, entry["sha256"])
@@ -101,12 +103,25 @@ class TrtContext:
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.stream))
 
+    def close(self) -> None:
+        """Free every engine's buffers, the activation pool and the stream (contexts and engines go first)."""
+        self.synchronize()
+        for user in self.users:
+            user.close()
+        self.contexts.clear()
+        self.engines.clear()
+        if self.pool:
+            cudart().cudaFree(self.pool)
+            self.pool = 0
+        cudart().cudaStreamDestroy(self.stream)
+
 
 class TrtEngine:
     """One engine behind the backend interface: host arrays in, host arrays out, buffers kept per shape."""
 
     def __init__(self, ctx: TrtContext, name: str) -> None:
         self.ctx, self.name = ctx, name
+        ctx.users.append(self)
         self.engine, self.context = ctx.engines[name], ctx.contexts[name]
         trt = ctx.trt
         self.inputs = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)
@@ -114,10 +129,17 @@ class TrtEngine:
         self.outputs = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)
                         if self.engine.get_tensor_mode(self.engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
         self.buffers: dict[str, DeviceBuffer] = {}
+        # Buffers per input-shape key, kept: the decoder alternates between V and V*N latents when uncertainty is
+        # asked for, and reallocating on every switch would free the pinned memory that earlier results point into.
+        self._by_shape: dict[tuple, dict[str, DeviceBuffer]] = {}
         self.shape_key: tuple | None = None
 
     def dtype(self, tensor: str) -> np.dtype:
-        return np.dtype(_NP[self.engine.get_tensor_dtype(tensor).name])
+        kind = self.engine.get_tensor_dtype(tensor).name
+        if kind not in _NP:
+            raise BundleError(f"{self.name}: tensor {tensor} is {kind} in the engine; the runtime feeds and reads "
+                              "fp32 (rebuild with `diffiml build-engines`, which keeps inputs and outputs fp32)")
+        return np.dtype(_NP[kind])
 
     def check_batch(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Refuse a batch beyond the engines' profiles with a line that says how to rebuild them."""
@@ -136,19 +158,28 @@ class TrtEngine:
         if key == self.shape_key:
             return False
         self.check_batch(shapes)
-        for buf in self.buffers.values():
-            buf.free()
         for name in self.inputs:
             if not self.context.set_input_shape(name, shapes[name]):
                 raise BundleError(f"{self.name}: TensorRT refused input shape {shapes[name]} for {name}")
-        self.buffers = {n: DeviceBuffer(shapes[n], self.dtype(n)) for n in self.inputs}
-        for n in self.outputs:
-            self.buffers[n] = DeviceBuffer(tuple(self.context.get_tensor_shape(n)), self.dtype(n))
+        if key not in self._by_shape:
+            buffers = {n: DeviceBuffer(shapes[n], self.dtype(n)) for n in self.inputs}
+            for n in self.outputs:
+                buffers[n] = DeviceBuffer(tuple(self.context.get_tensor_shape(n)), self.dtype(n))
+            self._by_shape[key] = buffers
+        self.buffers = self._by_shape[key]
         for n, buf in self.buffers.items():
             if not self.context.set_tensor_address(n, buf.device):
                 raise RuntimeError(f"TensorRT: {self.name} refused the address of {n}")
         self.shape_key = key
         return True
+
+    def close(self) -> None:
+        for buffers in self._by_shape.values():
+            for buf in buffers.values():
+                buf.free()
+        self._by_shape.clear()
+        self.buffers = {}
+        self.shape_key = None
 
     def enqueue(self) -> None:
         if not self.context.execute_async_v3(int(self.ctx.stream)):
@@ -172,6 +203,8 @@ class TrtStepLoop:
         self.unet = unet
         self.graph_exec: Any = None
         self.key: tuple | None = None
+        self.table: DeviceBuffer | None = None
+        self.pong: DeviceBuffer | None = None
 
     def _prepare(self, latents: np.ndarray, cond: np.ndarray, timesteps: np.ndarray, c0: np.ndarray,
                  ct: np.ndarray, sa: np.ndarray) -> None:
@@ -182,9 +215,7 @@ class TrtStepLoop:
         key = (latents.shape, cond.shape, len(timesteps))
         if not changed and key == self.key and self.graph_exec is not None:
             return
-        if self.graph_exec is not None:  # a graph holds raw addresses: drop it when buffers move
-            rt.cudaGraphExecDestroy(self.graph_exec)
-            self.graph_exec = None
+        self._release()  # a graph holds raw addresses: drop it (and the buffers it used) when buffers move
         self.table = DeviceBuffer((4, len(timesteps)), np.dtype(np.float32))
         self.table.upload(np.stack([timesteps, c0, ct, sa]).astype(np.float32), stream)
         self.pong = DeviceBuffer(latents.shape, np.dtype(np.float32))
@@ -197,8 +228,23 @@ class TrtStepLoop:
         self.graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
         rt.cudaGraphDestroy(graph)
 
+    def _release(self) -> None:
+        if self.graph_exec is not None:
+            cudart().cudaGraphExecDestroy(self.graph_exec)
+            self.graph_exec = None
+        for buf in (self.table, self.pong):
+            if buf is not None:
+                buf.free()
+        self.table = self.pong = None
+
+    def close(self) -> None:
+        """Free the captured graph and the loop's buffers, then every engine's buffers and the shared context."""
+        self._release()
+        self.unet.ctx.close()
+
     def _enqueue_loop(self, k: int) -> None:
         ctx, bufs = self.unet.context, self.unet.buffers
+        assert self.table is not None and self.pong is not None
         ping, pong = bufs["latents"].device, self.pong.device
         for i in range(k):
             src, dst = (ping, pong) if i % 2 == 0 else (pong, ping)
@@ -218,6 +264,7 @@ class TrtStepLoop:
         self.unet.buffers["cond_features"].upload(cond_features, stream)
         check(cudart().cudaGraphLaunch(self.graph_exec, stream))
         final = self.unet.buffers["latents"] if len(timesteps) % 2 == 0 else self.pong
+        assert final is not None
         out = final.download(stream)
         self.unet.ctx.synchronize()
         return np.array(out, copy=True)

@@ -128,8 +128,9 @@ def test_metrics_count_requests(server: ServerProcess) -> None:
 
 
 def test_sigterm_finishes_in_flight_request(tmp_path: Path) -> None:
-    """SIGTERM while a long request runs: the request completes, the server exits 0, nothing is left."""
-    with ServerProcess(BUNDLE, log_path=tmp_path / "log") as server:
+    """SIGTERM while a long request runs: the request completes, the server exits 0, nothing is left. (Two model
+    instances, so that path starts and stops too.)"""
+    with ServerProcess(BUNDLE, "--instances", "2", log_path=tmp_path / "log") as server:
         client = TritonLocalizer(f"http://{server.http_url}", steps=8, ensemble=12)
         done: dict[str, object] = {}
         worker = threading.Thread(target=lambda: done.update(answer=client.localize_bytes(SAMPLE.read_bytes())))
