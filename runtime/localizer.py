@@ -82,6 +82,14 @@ class LocalizationResult:
         small = (self.model_probability * 65535 + 0.5).astype(np.uint16)
         return cv2.resize(small, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
 
+    def uncertainty16(self) -> np.ndarray | None:
+        """(H, W) uint16 at the original size: the members' spread (std, at most 0.5 for values in [0, 1]) x 2 x
+        65535, so the 16-bit PNG uses its full range; None unless uncertainty was asked for."""
+        if self.model_uncertainty is None:
+            return None
+        small = (np.clip(self.model_uncertainty * 2, 0, 1) * 65535 + 0.5).astype(np.uint16)
+        return cv2.resize(small, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+
     @property
     def mask(self) -> np.ndarray:
         """(H, W) bool: probability >= 0.5 (the paper's fixed threshold), computed without the float map."""

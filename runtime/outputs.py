@@ -35,15 +35,12 @@ def write_outputs(result: LocalizationResult, rgb: np.ndarray, out_dir: Path, st
     """Write ``<stem>_mask.png``, ``<stem>_prob.png`` (16-bit), ``<stem>_overlay.png`` (at the decoded size)
     and, when computed, ``<stem>_uncertainty.png`` (16-bit); returns their paths by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    h, w = result.height, result.width
     prob16 = result.probability16()
     paths = {"prob": write_png(out_dir / f"{stem}_prob.png", prob16)}
     paths["mask"] = write_png(out_dir / f"{stem}_mask.png", ((prob16 >= 32768) * np.uint8(255)).astype(np.uint8))
     del prob16
     paths["overlay"] = write_png(out_dir / f"{stem}_overlay.png", heat_overlay(rgb, result.model_probability))
-    if result.model_uncertainty is not None:
-        # std of values in [0, 1] is at most 0.5: scale by 2 so the PNG uses its full range.
-        unc16 = cv2.resize((np.clip(result.model_uncertainty * 2, 0, 1) * 65535 + 0.5).astype(np.uint16), (w, h),
-                           interpolation=cv2.INTER_LINEAR)
+    unc16 = result.uncertainty16()
+    if unc16 is not None:
         paths["uncertainty"] = write_png(out_dir / f"{stem}_uncertainty.png", unc16)
     return {k: str(v) for k, v in paths.items()}

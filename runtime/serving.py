@@ -155,10 +155,8 @@ class InstanceModel:
                                                         "timings_ms": {k: round(v, 3) for k, v in
                                                                        result.timings_ms.items()},
                                                         "batch_images": batch, "backend": backend})}
-        if result.model_uncertainty is not None:
-            h, w = result.height, result.width
-            unc16 = cv2.resize((np.clip(result.model_uncertainty * 2, 0, 1) * 65535 + 0.5).astype(np.uint16), (w, h),
-                               interpolation=cv2.INTER_LINEAR)
+        unc16 = result.uncertainty16()
+        if unc16 is not None:
             row["uncertainty_png"] = _png16(unc16)
         if s.raw:
             row["raw_probability"] = result.model_probability
