@@ -93,6 +93,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--ensemble", type=int, default=None)
     s.add_argument("--sample", default="examples/sample_splice.png", help="the good request's image")
+    s.add_argument("--server-logs", default=None, metavar="DIR", help="keep the servers' logs there")
     s.add_argument("--out", required=True)
     s.set_defaults(handler=serve_load)
 
@@ -280,7 +281,8 @@ def serve_load(args: argparse.Namespace) -> int:
     parameters = {k: v for k, v in (("steps", args.steps), ("ensemble", args.ensemble)) if v is not None}
     levels = [int(c) for c in args.clients.split(",")]
     rows = load.run(args.bundle, levels, args.duration, args.max_requests, args.max_batch, args.max_queue_delay_ms,
-                    args.bad_every, parameters, Path(args.sample), log_dir=out)
+                    args.bad_every, parameters, Path(args.sample),
+                    log_dir=Path(args.server_logs) if args.server_logs else None)
     meta = {"date": str(date.today()), "bundle": args.bundle, "cpus": os.cpu_count(), "parameters": parameters,
             "duration_s": args.duration, "max_batch": args.max_batch, "max_queue_delay_ms": args.max_queue_delay_ms,
             "bad_every": args.bad_every, "command": " ".join(["diffiml", *sys.argv[1:]])}

@@ -104,6 +104,8 @@ def run(bundle: str | Path, levels: list[int], duration_s: float, max_requests: 
         log_dir: Path | None = None) -> list[dict[str, Any]]:
     good = sample.read_bytes()
     bad = list(bad_inputs(good).values())
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     modes = [("dynamic batching", ["--max-batch", str(max_batch), "--max-queue-delay-ms", str(queue_delay_ms)]),
              ("no batching", ["--max-batch", "1"])]

@@ -98,5 +98,15 @@ class ServerProcess:
                 return True
         return False
 
+    def group_gone(self, grace_s: float = 10.0) -> bool:
+        """Whether the whole group has exited, allowing ``grace_s`` for processes that are still on their way out
+        (tritonserver's backend stub can outlive the server process by a moment)."""
+        deadline = time.monotonic() + grace_s
+        while self.group_alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
     def __exit__(self, *_: object) -> None:
         self.stop()

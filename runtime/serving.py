@@ -223,6 +223,9 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     BundleError / BackendUnavailableError before any server starts."""
     bundle = load_bundle(options.bundle)
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.instances)
+    # The serving process decodes, encodes and moves requests beside inference, on the same cores: onnxruntime's
+    # threads sleep instead of spinning between operators (measured: benchmarks/RESULTS.md, serving).
+    os.environ.setdefault("DIFFIML_ORT_SPINNING", "0")
     models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision))
               for _ in range(options.instances)]
     for model in models:

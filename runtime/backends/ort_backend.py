@@ -72,6 +72,10 @@ def session_options(threads: int | None = None):  # noqa: ANN201
     n = threads or int(os.environ.get("DIFFIML_THREADS", "0")) or None
     if n:
         opts.intra_op_num_threads = n
+    if os.environ.get("DIFFIML_ORT_SPINNING") == "0":
+        # Worker threads sleep between parallel sections instead of spinning: a process that does other work
+        # beside inference on the same cores (a server decoding and encoding images) gets those cycles back.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
