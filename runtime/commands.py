@@ -93,6 +93,8 @@ def adaptive_policy(args: argparse.Namespace):  # -> AdaptiveEnsemble | None (im
 
     if not 0 <= args.ensemble_tolerance <= 1:
         raise DiffimlError("--ensemble-tolerance must be in [0, 1]")
+    if not str(args.ensemble or "").lower().startswith("auto"):
+        raise DiffimlError("--ensemble-tolerance applies to an adaptive ensemble: add --ensemble auto (or auto:N)")
     return AdaptiveEnsemble(tolerance=args.ensemble_tolerance)
 
 

@@ -10,7 +10,9 @@ import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -127,14 +129,23 @@ class OrtEngine:
         for name, value in feeds.items():
             b.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, buf in self._outputs.items():
-            if self.device == "cpu":
-                b.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-            else:
-                b.bind_output(name, "cuda")
+            # Preallocated host buffers on both devices: on CUDA, onnxruntime copies each output into it, instead of
+            # allocating a device output and a host copy on every call.
+            b.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         self.session.run_with_iobinding(b)
-        if self.device != "cpu":
-            return dict(zip(self._outputs, b.copy_outputs_to_cpu(), strict=True))
         return self._outputs
+
+
+MAX_CAPTURED_SHAPES = 8  # batch shapes whose CUDA graphs a step loop keeps before starting a fresh session
+
+
+@dataclass
+class _StepPlan:
+    latents: list  # two device OrtValues, ping-pong
+    cond: Any
+    scalars: list
+    bindings: list
+    first_graph_id: int  # step k replays gpu_graph_id first_graph_id + k
 
 
 class OrtCudaStepLoop:
@@ -166,7 +177,8 @@ class OrtCudaStepLoop:
         except Exception as exc:  # noqa: BLE001 - the provider's refusal is reported, then we run without graphs
             log.warning("ort-cuda: CUDA graphs unavailable (%s); running the step loop without them", exc)
             self.session, self.graphs = engine.session, False
-        self._key: tuple | None = None
+        self._plans: dict[tuple, _StepPlan] = {}
+        self._next_graph_id = 1
         # onnxruntime keeps captured CUDA graphs per calling thread: a Localizer shared by threads would capture all
         # K graphs again in each. Every call of the loop therefore runs on this one thread.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-cuda-steps")
@@ -175,28 +187,36 @@ class OrtCudaStepLoop:
         return ort_module().InferenceSession(str(self.engine.graph.path), sess_options=session_options(),
                                              providers=[("CUDAExecutionProvider", self.options)])
 
-    def _prepare(self, latents: np.ndarray, cond: np.ndarray, tables: np.ndarray) -> None:
+    def _prepare(self, latents: np.ndarray, cond: np.ndarray, tables: np.ndarray) -> _StepPlan:
+        """The device buffers, bindings and graph ids of one (batch shape, schedule), kept: a server alternating
+        between batch sizes replays each size's graphs instead of rebuilding the session for every change."""
         ort = ort_module()
         key = (latents.shape, cond.shape, tables.tobytes())
-        if key == self._key:
-            return
-        if self.graphs and self._key is not None:
-            # New buffers mean new addresses, and every captured graph holds the old ones: start a fresh session.
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if self.graphs and len(self._plans) >= MAX_CAPTURED_SHAPES:
+            # Captured graphs cannot be released one by one: past the bound, a fresh session drops them all.
             self.session = self._graph_session()
+            self._plans.clear()
+            self._next_graph_id = 1
         device = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32), "cuda", 0)  # noqa: E731
-        self.latents = [device(latents), device(np.empty_like(latents))]
-        self.cond = device(cond)
-        self.scalars = [[device(tables[r, k : k + 1]) for r in range(4)] for k in range(tables.shape[1])]
-        self.bindings = []
+        pair = [device(latents), device(np.empty_like(latents))]
+        cond_value = device(cond)
+        scalars = [[device(tables[r, k : k + 1]) for r in range(4)] for k in range(tables.shape[1])]
+        bindings = []
         for k in range(tables.shape[1]):
             b = self.session.io_binding()
-            b.bind_ortvalue_input("latents", self.latents[k % 2])
-            b.bind_ortvalue_input("cond_features", self.cond)
-            for name, value in zip(("timestep", "coef_x0", "coef_xt", "sqrt_alpha"), self.scalars[k], strict=True):
+            b.bind_ortvalue_input("latents", pair[k % 2])
+            b.bind_ortvalue_input("cond_features", cond_value)
+            for name, value in zip(("timestep", "coef_x0", "coef_xt", "sqrt_alpha"), scalars[k], strict=True):
                 b.bind_ortvalue_input(name, value)
-            b.bind_ortvalue_output("next_latents", self.latents[(k + 1) % 2])
-            self.bindings.append(b)
-        self._key = key
+            b.bind_ortvalue_output("next_latents", pair[(k + 1) % 2])
+            bindings.append(b)
+        plan = _StepPlan(pair, cond_value, scalars, bindings, self._next_graph_id)
+        self._next_graph_id += len(bindings)
+        self._plans[key] = plan
+        return plan
 
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
                  coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
@@ -210,19 +230,20 @@ class OrtCudaStepLoop:
             if not self.graphs:
                 raise
             log.warning("ort-cuda: CUDA graph run failed (%s); continuing without graphs", exc)
-            self.session, self.graphs, self._key = self.engine.session, False, None
+            self.session, self.graphs = self.engine.session, False
+            self._plans.clear()
             return self._run(*args)
 
     def _run(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
              coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         ort = ort_module()
         tables = np.stack([timesteps, coef_x0, coef_xt, sqrt_alpha]).astype(np.float32)
-        self._prepare(latents, cond_features, tables)
-        self.latents[0].update_inplace(np.ascontiguousarray(latents, np.float32))
-        self.cond.update_inplace(np.ascontiguousarray(cond_features, np.float32))
-        for k, binding in enumerate(self.bindings):
+        plan = self._prepare(latents, cond_features, tables)
+        plan.latents[0].update_inplace(np.ascontiguousarray(latents, np.float32))
+        plan.cond.update_inplace(np.ascontiguousarray(cond_features, np.float32))
+        for k, binding in enumerate(plan.bindings):
             options = ort.RunOptions()
             if self.graphs:
-                options.add_run_config_entry("gpu_graph_id", str(k + 1))
+                options.add_run_config_entry("gpu_graph_id", str(plan.first_graph_id + k))
             self.session.run_with_iobinding(binding, options)
-        return self.latents[len(self.bindings) % 2].numpy()
+        return plan.latents[len(plan.bindings) % 2].numpy()
