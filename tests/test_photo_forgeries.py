@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from diffiml.train.data.photo_forgeries import (
+    camera_history,
     composite,
+    copy_move,
     find_photos,
     is_eval_photo,
     make_photo_forgeries,
@@ -66,14 +68,15 @@ def test_forgery_set_keeps_sources_apart_and_the_holdout_type_out_of_training(ph
     counts = make_photo_forgeries(photo_folder, tmp_path, n=60, seed=1, eval_fraction=0.3)
     assert counts["train"] + counts["test"] + counts["holdout"] == 60
     lists = {k: json.loads((tmp_path / f"{k}.json").read_text()) for k in ("train", "test", "holdout")}
-    assert not any("inpaint" in img for img, _ in lists["train"])
-    assert all("inpaint" in img for img, _ in lists["holdout"])
-    kinds = {img.split("_", 1)[1].split(".")[0] for img, _ in lists["train"]}
+    assert not any(kind == "inpaint" for _, _, kind in lists["train"])
+    assert all(kind == "inpaint" for _, _, kind in lists["holdout"])
+    kinds = {kind for _, _, kind in lists["train"]}
     assert {"splice", "copymove", "authentic"} <= kinds
-    for img, mask in lists["train"]:
-        assert (mask == "Negative") == ("authentic" in img)
+    for img, mask, kind in lists["train"]:
+        assert (mask == "Negative") == (kind == "authentic") and kind in img
     samples = read_dataset(tmp_path / "train.json")
     assert len(samples) == counts["train"]  # every row is readable, image and mask the same size
+    assert [s.type for s in samples] == [kind for _, _, kind in lists["train"]]
     for sample in samples[:10]:
         if sample.mask is not None:
             m = cv2.imread(str(sample.mask), cv2.IMREAD_GRAYSCALE)
@@ -85,3 +88,37 @@ def test_make_synthetic_cli_takes_a_photo_folder(photo_folder, tmp_path, capsys)
 
     assert main(["make-synthetic", str(tmp_path / "set"), "--photos", str(photo_folder), "--n", "8"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_photos"] > 0
+
+
+def test_the_crop_keeps_the_segment_map_aligned():
+    image = np.zeros((120, 160, 3), np.uint8)
+    labels = np.zeros((120, 160), np.uint16)
+    image[40:80, 50:100] = 255
+    labels[40:80, 50:100] = 7
+    cropped = 0
+    for seed in range(12):
+        out, out_labels = camera_history(image, labels, np.random.default_rng(seed))
+        assert out_labels is not None and out_labels.shape == out.shape[:2]
+        assert ((out_labels == 7) == (out[..., 0] > 127)).mean() > 0.99
+        cropped += out.shape[:2] != image.shape[:2]
+    assert cropped  # some hosts were cropped, and kept their segments
+
+
+def test_copy_moves_mark_source_and_copies_and_sometimes_paste_twice():
+    rng0 = np.random.default_rng(0)
+    host = cv2.GaussianBlur(rng0.integers(0, 256, (160, 200, 3), dtype=np.uint8), (0, 0), 1.5)
+    labels = np.ones((160, 200), np.uint16)
+    labels[30:70, 40:90] = 2  # one object of 6 % of the image
+    several = 0
+    for seed in range(30):
+        made = copy_move(host, labels, np.random.default_rng(seed), mark_source=True)
+        if made is None:
+            continue
+        image, mask = made
+        changed = np.abs(image.astype(int) - host.astype(int)).max(axis=2) > 8
+        target_only = copy_move(host, labels, np.random.default_rng(seed), mark_source=False)[1]
+        assert (mask >= target_only).all() and mask.sum() > target_only.sum()  # the source is marked too
+        assert changed[target_only == 0].mean() < 0.02  # nothing changed outside the copies
+        n, _ = cv2.connectedComponents(target_only)
+        several += n - 1 >= 2
+    assert several  # some images carry two or three copies

