@@ -186,9 +186,10 @@ def evaluate(args: argparse.Namespace) -> int:
     print("| dataset | n | manipulated | F1 (0.5) | F1 incl. authentic | pixel AUC | IoU | image AUC | "
           "F1 of all-manipulated mask |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in reports:
-        print(f"| {r['name']} | {r['n']} | {r['n_manipulated']} | {r['f1']:.4f} | {r['f1_with_authentic']:.4f} | "
-              f"{r['auc']:.4f} | {r['iou']:.4f} | {r['image_auc']:.4f} | {r['f1_all_manipulated_mask']:.4f} |")
+    for report in reports:
+        for r in (report, *({**g, "name": f"{report['name']} / {g['name']}"} for g in report.get("groups", []))):
+            print(f"| {r['name']} | {r['n']} | {r['n_manipulated']} | {r['f1']:.4f} | {r['f1_with_authentic']:.4f} | "
+                  f"{r['auc']:.4f} | {r['iou']:.4f} | {r['image_auc']:.4f} | {r['f1_all_manipulated_mask']:.4f} |")
     return 0
 
 

@@ -50,4 +50,16 @@ def to_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
     trivial = " | ".join(f"{d['f1_all_manipulated_mask']:.3f} | 0.5 | 0.5" for d in rows[0]["datasets"])
     lines.append(f"| all-manipulated mask | {trivial} |")
+    for i, name in enumerate(names):  # F1 per manipulation type and set, where the dataset has groups
+        groups = [g["name"] for g in rows[0]["datasets"][i].get("groups", [])]
+        if not groups:
+            continue
+        lines += ["", f"{name}, F1 per group (n manipulated):", "",
+                  "| step | " + " | ".join(f"{g} ({d['n_manipulated']})" for g, d in
+                                           zip(groups, rows[0]["datasets"][i]["groups"], strict=True)) + " |",
+                  "|" + "---|" * (1 + len(groups))]
+        for r in rows:
+            lines.append(f"| {r['step']} | " + " | ".join(f"{g['f1']:.3f}" for g in r["datasets"][i]["groups"]) + " |")
+        lines.append("| all-manipulated mask | " + " | ".join(
+            f"{g['f1_all_manipulated_mask']:.3f}" for g in rows[0]["datasets"][i]["groups"]) + " |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from diffiml.benchmarks.groups import group_rows, manipulation_type, set_names
 from diffiml.benchmarks.metrics import auc, pixel_f1, pixel_iou, summarize
 from diffiml.runtime.image_io import load_image, to_rgb8
 from diffiml.runtime.localizer import Localizer
@@ -34,9 +35,12 @@ def read_truth(path: Path | None, height: int, width: int) -> np.ndarray:
 def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
              perturb: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, list[dict]]:
     """samples: ``diffiml.train.data.readers.Sample`` rows. ``perturb`` degrades each image first (robustness).
-    ``localizer``: a bundle's Localizer or the Table 5 baseline; both give ``probability`` and ``score``."""
+    ``localizer``: a bundle's Localizer or the Table 5 baseline; both give ``probability`` and ``score``.
+    The summary holds ``groups``: the same figures per manipulation type and per set (``benchmarks/groups.py``)."""
     rows = []
-    for sample in tqdm(samples, desc=f"eval {name}", unit="img", leave=False):
+    sets = set_names([Path(s.image) for s in samples])
+    for sample, set_name in tqdm(list(zip(samples, sets, strict=True)), desc=f"eval {name}", unit="img",
+                                 leave=False):
         try:
             decoded = load_image(sample.image)
             rgb = decoded.rgb if perturb is None else to_rgb8(perturb(decoded.rgb))
@@ -49,10 +53,12 @@ def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
         pred = prob >= 0.5
         rows.append({
             "image": str(sample.image), "manipulated": bool(truth.any()), "score": result.score,
+            "set": set_name, "type": manipulation_type(Path(sample.image), getattr(sample, "type", None)),
             "f1": pixel_f1(pred, truth), "iou": pixel_iou(pred, truth),
             "auc": auc(prob, truth) if truth.any() else float("nan"),
             "f1_trivial": pixel_f1(np.ones_like(truth), truth),
             "members": getattr(result, "members", 0),
-            "model_ms": sum(v for k, v in result.timings_ms.items() if k in ("encoder", "unet_steps", "decoder")),
         })
-    return summarize(rows, name), rows
+    summary = summarize(rows, name)
+    summary["groups"] = [summarize(group, group_name) for group_name, group in group_rows(rows).items()]
+    return summary, rows

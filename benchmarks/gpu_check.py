@@ -14,6 +14,7 @@ import numpy as np
 
 from diffiml.runtime.bundle import load_bundle
 from diffiml.runtime.localizer import Localizer
+from diffiml.runtime.metrics import map_agreement
 
 FP32_MAX_ABS = 1e-3  # ort-cuda fp32 against ort-cpu fp32 (issue 13)
 FP16_MIN_AGREEMENT = 0.995  # fp16 masks against fp32 masks
@@ -57,9 +58,7 @@ def compare(bundle_dir: str | Path, device_backend: str, images: list[np.ndarray
         except Exception as exc:  # noqa: BLE001 - reported, not raised: the other precisions still run
             report[precision] = {"skipped": str(exc)}
             continue
-        got = [loc.localize(im).model_probability for im in images]
-        max_abs = max(float(np.abs(a - b).max()) for a, b in zip(got, expected, strict=True))
-        agreement = float(np.mean([((a >= 0.5) == (b >= 0.5)).mean() for a, b in zip(got, expected, strict=True)]))
+        agreement, max_abs = map_agreement(expected, [loc.localize(im).model_probability for im in images])
         passed = max_abs <= FP32_MAX_ABS if precision == "fp32" else agreement >= FP16_MIN_AGREEMENT
         report[precision] = {"backend": loc.backend, "max_abs_probability_diff": max_abs,
                              "mask_agreement": agreement, "passed": passed}

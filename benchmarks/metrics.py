@@ -48,5 +48,4 @@ def summarize(per_image: list[dict], name: str) -> dict:
         "image_auc": auc(np.array([r["score"] for r in per_image]), np.array([r["manipulated"] for r in per_image])),
         "f1_all_manipulated_mask": mean("f1_trivial", manip),
         "mean_members": mean("members", per_image) if per_image and "members" in per_image[0] else float("nan"),
-        "mean_model_ms": mean("model_ms", per_image) if per_image and "model_ms" in per_image[0] else float("nan"),
     }

@@ -143,6 +143,8 @@ def test_eval_runs_on_every_real_forgery_at_original_resolution(tiny_bundle, cap
                  "--ensemble", "1", "--steps", "1"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["datasets"]
     assert row["n"] == row["n_manipulated"] == 37
+    groups = {g["name"]: g["n"] for g in row["groups"]}  # CASIA names and the NoSo folder give the types
+    assert groups["type=copymove"] == 28 and groups["type=splice"] == 8 and groups["noso_copymove/copymove"] == 18
 
 
 def test_eval_scores_a_baseline_checkpoint_the_same_way(synthetic_set, tmp_path, capsys):
@@ -169,6 +171,7 @@ def test_curve_scores_every_snapshot_of_a_run(synthetic_set, tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert rows[0]["datasets"][0]["name"] == "t" and rows[0]["datasets"][0]["n"] <= 2
     assert rows[0]["datasets"][0] != rows[1]["datasets"][0]  # two different models were really scored
+    assert "| step |" in (tmp_path / "curve" / "curve.md").read_text()
 
 
 def test_roofline_counts_the_work_torch_counts(tiny_bundle, tiny_run):
