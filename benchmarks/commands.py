@@ -106,6 +106,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True)
     r.set_defaults(handler=roofline)
 
+    c = bench.add_parser("correlation", help="GMACs and ms of the self-correlation stage; encoder with vs without")
+    c.add_argument("--config", default="mobile")
+    c.add_argument("--sizes", default="256,512", help="comma-separated input sizes")
+    c.add_argument("--runs", type=int, default=30)
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--out", required=True)
+    c.set_defaults(handler=correlation)
+
     d = bench.add_parser("modes", help="fewer steps, int8, adaptive ensemble: timed against the authors' order")
     d.add_argument("--config", default="paper")
     d.add_argument("--bundle", default=None, help="time this bundle (default: export random weights of --config)")
@@ -293,6 +301,21 @@ def serve_load(args: argparse.Namespace) -> int:
     print(table)
     lost = sum(r["good_lost"] for r in rows) + sum(r["bad_accepted"] for r in rows)
     return 1 if lost else 0
+
+
+def correlation(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.correlation_cost import bench_correlation, to_markdown
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = bench_correlation(args.config, tuple(int(s) for s in args.sizes.split(",")), args.runs,
+                             threads=args.threads)
+    md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` "
+                              "(medians of alternating runs, onnxruntime CPU, one image).\n")
+    _atomic_write(out / "correlation.json", json.dumps(rows, indent=2))
+    _atomic_write(out / "correlation.md", md)
+    print(md)
+    return 0
 
 
 def roofline(args: argparse.Namespace) -> int:

@@ -219,3 +219,12 @@ def test_bench_modes_times_each_mode_against_the_authors_order(tmp_path):
     lines = {line.split("|")[2].strip() + ":" + line.split("|")[3].strip(): line for line in table.splitlines()[2:]}
     assert lines["4:3"].rstrip(" |").endswith("yes") and lines["2:5"].rstrip(" |").endswith("no")
     assert lines["8:5"].rstrip(" |").endswith("reference")
+
+
+def test_correlation_cost_times_the_encoder_with_and_without_the_stage(tmp_path):
+    assert main(["bench", "correlation", "--config", "tiny", "--sizes", "64", "--runs", "2",
+                 "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "correlation.json").read_text())
+    assert row["stage_gmacs"] > 0 and row["encoder_gmacs_with"] > row["encoder_gmacs_without"]
+    assert row["encoder_ms_with"] > 0 and row["encoder_ms_without"] > 0 and row["positions"] == 16  # 1/16 grid
+    assert "added latency" in (tmp_path / "correlation.md").read_text()

@@ -5,8 +5,9 @@ latent grid (1/8 of the input), concatenates them in the order [c4, c3, c2, c1] 
 BatchNorm and ReLU (authors' code; paper Fig. 3).
 
 With ``self_correlation`` on (not in the paper), the stride-8 and stride-16 stages also feed a self-correlation
-stage (``self_correlation.py``) whose features join the fusion through a zero-initialised 3x3 projection added
-before the fusion's BatchNorm: the same as concatenating them into the fusion conv with zero weights.
+stage on the 1/16 grid (``self_correlation.py``) whose features, upsampled to the latent grid, join the fusion
+through a zero-initialised 3x3 projection added before the fusion's BatchNorm: the same as concatenating them into
+the fusion conv with zero weights.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ConditionEncoder(nn.Module):
         )
         self.correlation: SelfCorrelation | None = None
         if config.self_correlation:
-            self.correlation = SelfCorrelation(config.latent_size, config.correlation_topk,
+            self.correlation = SelfCorrelation(config.latent_size // 2, config.correlation_topk,
                                                config.correlation_exclude, CORRELATION_CHANNELS)
             self.correlation_proj = nn.Conv2d(CORRELATION_CHANNELS, c, kernel_size=3, padding=1, bias=False)
             nn.init.zeros_(self.correlation_proj.weight)
@@ -92,9 +93,9 @@ class ConditionEncoder(nn.Module):
         ]
         fused = self.fuse[0](torch.cat(feats[::-1], dim=1))
         if self.correlation is not None:
-            # Stride 8 beside stride 16 upsampled to the grid: the two stages COPYMOVE.md found best together.
-            deep = F.interpolate(stages[2], size=grid, mode="bilinear", align_corners=False)
-            matches = self.correlation(torch.cat([F.interpolate(stages[1], size=grid, mode="bilinear",
-                                                                align_corners=False), deep], dim=1))
+            # Matching on the 1/16 grid: the stride-16 stage beside the stride-8 stage pooled to it (see
+            # self_correlation.py for why); the match features come back up to the latent grid.
+            matches = self.correlation(torch.cat([F.avg_pool2d(stages[1], 2), stages[2]], dim=1))
+            matches = F.interpolate(matches, size=grid, mode="bilinear", align_corners=False)
             fused = fused + self.correlation_proj(matches)
         return self.fuse[2](self.fuse[1](fused))

@@ -2,13 +2,18 @@
 
 A region copied within one photo carries the camera's noise, JPEG history and lighting of its surroundings, so the
 per-position traces that expose a splice are absent; what exposes it is that two regions of the image *match each
-other*. This stage compares every position of the latent grid with every other (BusterNet's similarity branch,
-CMSeg-Net's self-correlation) and hands the head what the matches look like.
+other*. This stage compares every position of a grid with every other (BusterNet's similarity branch, CMSeg-Net's
+self-correlation) and hands the head what the matches look like.
 
 Choices (measured without training on real-dev copy-moves, ``COPYMOVE.md``, and chosen to export as plain ONNX):
 
-- **Features**: the stride-8 stage concatenated with the stride-16 stage upsampled to the 1/8 grid (stride 8 alone
-  was the weakest choice). **Centred** on the image's mean feature before L2 normalisation: otherwise what every
+- **Grid**: the 1/16 grid (16 × 16 = 256 positions at 256²), not the 1/8 latent grid. At 1/8 the HW × HW matrix
+  has a million entries and its TopK and masking alone took 70 % of the whole encoder's time on a 2-core CPU
+  (``diffiml bench correlation``); at 1/16 it has 65 536 and the stage costs a few per cent. Stride 16 was also
+  among the better choices for matching in ``COPYMOVE.md`` (stride 8 alone the weakest). The stage's output is
+  upsampled to the latent grid, where the head's finer stages give the edges.
+- **Features**: the stride-16 stage concatenated with the stride-8 stage average-pooled to 1/16 (its finer detail
+  in a coarser cell). **Centred** on the image's mean feature before L2 normalisation: otherwise what every
   position shares (sky, texture) dominates the similarity.
 - **Own neighbourhood excluded**: positions within ``exclude`` cells (Chebyshev distance) of each other cannot
   match, so a patch does not find itself or its smooth surroundings. A constant boolean matrix of the grid.
