@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffiml.export.precision_check import compare_precisions
-from diffiml.files import sha256_of
+from diffiml.export.precision_check import graph_entry, record_check
 from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle
 
 FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization", "ReduceMean",
@@ -41,24 +40,17 @@ def convert_graph(fp32_path: Path, out_path: Path, graph: str) -> None:
 def add_fp16(bundle_dir: Path, check: Sequence[Any] = ()) -> dict[str, Any]:
     """Write ``GRAPH.fp16.onnx`` for every graph, compare with fp32 on ``check`` images (CPU), and return the
     manifest's ``precisions.fp16`` entry."""
-    import onnx
-
     bundle = load_bundle(bundle_dir)
     graphs: dict[str, Any] = {}
     for name in GRAPH_NAMES:
         fp32 = bundle.graph(name)
         out = Path(bundle_dir) / f"{name}.fp16.onnx"
         convert_graph(fp32.path, out, name)
-        graphs[name] = {"file": out.name, "sha256": sha256_of(out), "precision": "fp16", "inputs": fp32.inputs,
-                        "outputs": fp32.outputs,
-                        "domains": sorted({o.domain for o in onnx.load(str(out)).opset_import})}
+        graphs[name] = graph_entry(fp32, out, "fp16")
     entry: dict[str, Any] = {"graphs": graphs, "fp32_ops": FP32_OPS,
                              "fp32_nodes": "the UNet-step graph's DDIM update"}
     if check:
-        bundle.manifest.setdefault("precisions", {})["fp16"] = entry
-        agreement, max_dp = compare_precisions(bundle, "fp16", check, bundle.default_steps, bundle.default_ensemble)
-        entry["checks"] = {"mask_agreement_vs_fp32": agreement, "max_abs_probability_diff_vs_fp32": max_dp,
-                           "images": len(check), "provider": "CPUExecutionProvider"}
+        record_check(bundle, "fp16", entry, check, bundle.default_steps, bundle.default_ensemble)
     else:
         entry["checks"] = {}
     return entry

@@ -1,26 +1,36 @@
-"""How far a reduced-precision graph set moves the masks: the check every precision of a bundle records."""
+"""What every reduced precision of a bundle shares: its manifest entry per graph, and the check it records (how far
+it moves the masks from fp32)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from diffiml.files import sha256_of
 from diffiml.runtime.backends import open_backend
-from diffiml.runtime.bundle import Bundle
+from diffiml.runtime.bundle import Bundle, GraphEntry
 from diffiml.runtime.localizer import Localizer
+from diffiml.runtime.metrics import map_agreement
 
 
-def compare_precisions(bundle: Bundle, precision: str, images: Sequence[Any], steps: int, ensemble: int
-                       ) -> tuple[float, float]:
-    """Mask agreement (p >= 0.5, over all pixels of all images) and max |Δp| of ``precision`` against fp32."""
+def graph_entry(fp32: GraphEntry, path: Path, precision: str) -> dict[str, Any]:
+    """The manifest entry of ``path``, the ``precision`` version of the ``fp32`` graph (same inputs and outputs)."""
+    import onnx
+
+    return {"file": path.name, "sha256": sha256_of(path), "precision": precision, "inputs": fp32.inputs,
+            "outputs": fp32.outputs, "domains": sorted({o.domain for o in onnx.load(str(path)).opset_import})}
+
+
+def record_check(bundle: Bundle, precision: str, entry: dict[str, Any], images: Sequence[Any], steps: int,
+                 ensemble: int) -> dict[str, Any]:
+    """Compare ``precision`` (its ``entry``, not yet in the bundle's file) with fp32 on ``images`` (ort-cpu) and
+    store the result as ``entry["checks"]``: mask agreement (p >= 0.5, over all pixels) and max |Δp|."""
+    bundle.manifest.setdefault("precisions", {})[precision] = entry
     ref = Localizer(bundle, open_backend(bundle, "ort-cpu"), steps, ensemble, False, 0, False)
     low = Localizer(bundle, open_backend(bundle, "ort-cpu", precision=precision), steps, ensemble, False, 0, False)
-    agree, total, worst = 0, 0, 0.0
-    for image in images:
-        a, b = ref.localize(image).model_probability, low.localize(image).model_probability
-        agree += int(((a >= 0.5) == (b >= 0.5)).sum())
-        total += a.size
-        worst = max(worst, float(np.abs(a - b).max()))
-    return (agree / total if total else 1.0), worst
+    agreement, max_dp = map_agreement([ref.localize(im).model_probability for im in images],
+                                      [low.localize(im).model_probability for im in images])
+    entry["checks"] = {"mask_agreement_vs_fp32": agreement, "max_abs_probability_diff_vs_fp32": max_dp,
+                       "images": len(images), "provider": "CPUExecutionProvider"}
+    return entry["checks"]

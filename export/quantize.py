@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from diffiml.export.precision_check import compare_precisions
-from diffiml.files import sha256_of
+from diffiml.export.precision_check import graph_entry, record_check
 from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend, Engine, HostStepLoop
 from diffiml.runtime.bundle import Bundle, load_bundle
@@ -52,9 +51,6 @@ class _Reader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
 
-    def rewind(self) -> None:  # noqa: D401 - part of the protocol, unused by MinMax
-        pass
-
 
 def record_calibration(bundle: Bundle, images: Sequence[Any], steps: int, ensemble: int) -> dict[str, list]:
     """Every graph's feeds while the fp32 bundle localizes ``images`` one by one (ort-cpu)."""
@@ -80,8 +76,6 @@ def add_int8(bundle_dir: Path, calibration: Sequence[Any], check: Sequence[Any],
              ensemble: int | None = None, min_agreement: float = MIN_MASK_AGREEMENT) -> dict[str, Any]:
     """Quantize ``bundle_dir``'s encoder and UNet on ``calibration`` images, check on ``check`` images, and return
     the manifest's ``precisions.int8`` entry (the files are written into the bundle folder)."""
-    import onnx
-
     bundle = load_bundle(bundle_dir)
     steps, ensemble = steps or bundle.default_steps, ensemble or bundle.default_ensemble
     feeds = record_calibration(bundle, calibration, steps, ensemble)
@@ -90,17 +84,12 @@ def add_int8(bundle_dir: Path, calibration: Sequence[Any], check: Sequence[Any],
         fp32 = bundle.graph(name)
         out = Path(bundle_dir) / f"{name}.int8.onnx"
         quantize_graph(fp32.path, out, feeds[name])
-        graphs[name] = {"file": out.name, "sha256": sha256_of(out), "precision": "int8", "inputs": fp32.inputs,
-                        "outputs": fp32.outputs,
-                        "domains": sorted({o.domain for o in onnx.load(str(out)).opset_import})}
+        graphs[name] = graph_entry(fp32, out, "int8")
         log.info("%s: int8 on %d calibration feeds", name, len(feeds[name]))
     entry = {"graphs": graphs, "calibration": {"images": len(calibration), "steps": steps, "ensemble": ensemble,
                                                "method": "MinMax", "format": "QDQ", "per_channel": True,
                                                "quantized_ops": QUANTIZED_OPS}}
-    bundle.manifest.setdefault("precisions", {})["int8"] = entry
-    agreement, max_dp = compare_precisions(bundle, "int8", check, steps, ensemble)
-    entry["checks"] = {"mask_agreement_vs_fp32": agreement, "max_abs_probability_diff_vs_fp32": max_dp,
-                       "images": len(check)}
+    agreement = record_check(bundle, "int8", entry, check, steps, ensemble)["mask_agreement_vs_fp32"]
     if agreement < min_agreement:
         raise ValueError(f"int8 masks agree with fp32 on {agreement:.4f} of pixels (< {min_agreement}); "
                          "calibrate on more representative images or keep fp32")

@@ -89,12 +89,16 @@ class Bundle:
     def default_ensemble(self) -> int:
         return int(self.manifest["sampling"]["default_ensemble"])
 
+    @property
+    def step_counts(self) -> list[int]:
+        """The DDIM step counts the manifest carries schedules for."""
+        return sorted(int(k) for k in self.manifest["sampling"]["schedules"])
+
     def plan(self, steps: int) -> DdimPlan:
-        schedules = self.manifest["sampling"]["schedules"]
-        if str(steps) not in schedules:
+        if steps not in self.step_counts:
             raise BundleError(f"{self.root}: no schedule for {steps} steps in the manifest "
-                              f"(available: {sorted(int(k) for k in schedules)}); re-export with --steps")
-        return DdimPlan.from_json(schedules[str(steps)])
+                              f"(available: {self.step_counts}); re-export with --steps")
+        return DdimPlan.from_json(self.manifest["sampling"]["schedules"][str(steps)])
 
     @property
     def precisions(self) -> list[str]:

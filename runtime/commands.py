@@ -174,7 +174,7 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     """``localize --server``: the same files and JSON lines as a local run, computed by a ``diffiml serve``."""
     from tqdm import tqdm
 
-    from diffiml.runtime.image_io import MAX_BYTES, load_image
+    from diffiml.runtime.image_io import load_image, read_image_file
     from diffiml.runtime.outputs import write_outputs
     from diffiml.runtime.triton_client import TritonLocalizer
 
@@ -190,11 +190,7 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
             t0 = time.perf_counter()
-            if not path.is_file():
-                raise DiffimlError(f"{path}: no such file")
-            if path.stat().st_size > MAX_BYTES:
-                raise DiffimlError(f"{path}: file larger than {MAX_BYTES >> 20} MiB")
-            answer = client.localize_bytes(path.read_bytes())
+            answer = client.localize_bytes(read_image_file(path))
             result = answer.result
             decoded = load_image(path, result.model_probability.shape[0])  # for the overlay only
             files = write_outputs(result, decoded.rgb, out, path.stem)

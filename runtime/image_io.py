@@ -2,21 +2,31 @@
 
 Any input becomes (H, W, 3) uint8 RGB at its original size: a path, bytes, or an array (gray, RGB, RGBA;
 uint8 or uint16). OpenCV applies the EXIF orientation when decoding and converts CMYK JPEGs to BGR.
+
+Nothing is decoded before its size is known: PNG and JPEG headers are read here, every other format's by Pillow
+(which reads headers lazily); an input whose size cannot be read, or that is too large to decode within the memory
+bound, is refused first. Any decoder's failure becomes an ``ImageDecodeError`` naming the input.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from struct import error as struct_error
 
 import cv2
 import numpy as np
 
 from diffiml.runtime.errors import ImageDecodeError
 
-# Documented limit: inputs beyond this many pixels are refused before decoding (a decompression-bomb guard).
+# Documented limits: inputs beyond these many pixels are refused before decoding (a decompression-bomb guard).
+# JPEG and 8-bit PNG are decoded at a reduced size when large; every other format is decoded whole, so its limit is
+# what fits the memory bound (100 MP of 16-bit RGBA is 800 MB before conversion).
 MAX_PIXELS = 25_000 * 25_000
+MAX_FULL_DECODE_PIXELS = 100_000_000
 MAX_BYTES = 1 << 30
 ImageInput = str | os.PathLike | bytes | np.ndarray
 
@@ -36,6 +46,33 @@ def _header_size(data: np.ndarray) -> tuple[int, int] | None:
                 return int.from_bytes(raw[i + 7 : i + 9], "big"), int.from_bytes(raw[i + 5 : i + 7], "big")
             i += 2 + length
     return None
+
+
+def _pillow_size(data: np.ndarray, name: str) -> tuple[int, int] | None:
+    """(width, height) from any header Pillow reads (BMP, TIFF, WebP, PNM, GIF, ...), without decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{name}: too many pixels to decode ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct_error):
+        return None
+
+
+def _decode(data: np.ndarray, flag: int, name: str) -> np.ndarray:
+    """cv2.imdecode whose every failure (None, cv2.error, memory) is an ImageDecodeError naming the input."""
+    try:
+        decoded = cv2.imdecode(data, flag)
+    except (cv2.error, MemoryError, OverflowError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageDecodeError(f"{name}: not a decodable image ({reason[:200]})") from None
+    if decoded is None or decoded.size == 0:
+        raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
+    return decoded
 
 
 def to_rgb8(array: np.ndarray, name: str = "array") -> np.ndarray:
@@ -66,6 +103,21 @@ def _png_is_plain_rgb8(data: np.ndarray) -> bool:
     return len(raw) >= 26 and raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[24] == 8 and raw[25] == 2
 
 
+def _checked_file(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise ImageDecodeError(f"{path}: no such file")
+    if path.stat().st_size > MAX_BYTES:
+        raise ImageDecodeError(f"{path}: file larger than {MAX_BYTES >> 20} MiB")
+    return path
+
+
+def read_image_file(source: str | os.PathLike) -> bytes:
+    """A file's encoded bytes, with ``load_image``'s file checks (missing, larger than MAX_BYTES): what a client
+    sends to a server, which decodes it."""
+    return _checked_file(source).read_bytes()
+
+
 def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImage:
     """Decode at the original size, or raise ImageDecodeError naming the input.
 
@@ -76,32 +128,33 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
         rgb = to_rgb8(source)
         return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
     if isinstance(source, bytes | bytearray):
+        if len(source) > MAX_BYTES:
+            raise ImageDecodeError(f"<bytes>: larger than {MAX_BYTES >> 20} MiB")
         name, data = "<bytes>", np.frombuffer(bytes(source), np.uint8)
     else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ImageDecodeError(f"{name}: no such file")
-        if path.stat().st_size > MAX_BYTES:
-            raise ImageDecodeError(f"{name}: file larger than {MAX_BYTES >> 20} MiB")
+        name = str(_checked_file(source))
         data = np.fromfile(name, np.uint8)
     if data.size == 0:
         raise ImageDecodeError(f"{name}: empty file")
-    size = _header_size(data)
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
-        raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels exceeds the limit of {MAX_PIXELS:,} pixels")
     is_jpeg = data[:2].tobytes() == b"\xff\xd8"
-    if is_jpeg or _png_is_plain_rgb8(data):
+    reducible = is_jpeg or _png_is_plain_rgb8(data)
+    size = _header_size(data) or _pillow_size(data, name)
+    if size is None:
+        raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format: its size "
+                               "could not be read before decoding)")
+    limit = MAX_PIXELS if reducible else MAX_FULL_DECODE_PIXELS
+    if size[0] * size[1] > limit:
+        raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels exceeds the limit of {limit:,} pixels"
+                               + ("" if reducible else " for this format (JPEG and 8-bit PNG may be larger)"))
+    if reducible:
         # 8-bit color: IMREAD_COLOR applies the EXIF orientation and turns CMYK JPEGs into BGR.
         reduce = 1
-        if size is not None and model_size:
+        if model_size:
             while reduce < 8 and min(size) // (2 * reduce) >= 2 * model_size:
                 reduce *= 2
         flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                 8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
-        decoded = cv2.imdecode(data, flag)
-        if decoded is None:
-            raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
+        decoded = _decode(data, flag, name)
         rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
         del decoded
         if reduce == 1:
@@ -109,11 +162,12 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
         # An EXIF rotation swaps the header's width and height; follow the decoded aspect.
         w, h = size if (rgb.shape[1] >= rgb.shape[0]) == (size[0] >= size[1]) else size[::-1]
         return DecodedImage(rgb, h, w)
-    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
-    if decoded is None:
-        raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")
-    if decoded.ndim == 3 and decoded.shape[2] >= 3:
-        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA if decoded.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    decoded = _decode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH, name)
+    try:
+        if decoded.ndim == 3 and decoded.shape[2] >= 3:
+            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA if decoded.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"{name}: unsupported pixel layout ({str(exc).strip()[-120:]})") from None
     rgb = to_rgb8(decoded, name)
     return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
 

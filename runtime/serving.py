@@ -29,12 +29,12 @@ import numpy as np
 from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend
 from diffiml.runtime.bundle import Bundle, load_bundle
-from diffiml.runtime.errors import DiffimlError, ImageDecodeError
-from diffiml.runtime.image_io import MAX_BYTES, DecodedImage, load_image
+from diffiml.runtime.errors import DiffimlError
+from diffiml.runtime.image_io import DecodedImage, load_image
 from diffiml.runtime.localizer import LocalizationResult, Localizer
+from diffiml.runtime.triton_client import MODEL_NAME
 
 log = logging.getLogger(__name__)
-MODEL_NAME = "diffiml"
 MAX_ENSEMBLE = 64  # a request may not ask for more members than this (memory and time of one batch)
 OUTPUT_NAMES = ("score", "manipulated_fraction", "probability_png", "uncertainty_png", "raw_probability",
                 "raw_uncertainty", "info_json", "error")
@@ -80,9 +80,8 @@ def parse_settings(parameters: dict[str, Any] | None, bundle: Bundle) -> Setting
         return bool(value)
 
     steps = integer("steps", bundle.default_steps, 1, 1000)
-    available = sorted(int(k) for k in bundle.manifest["sampling"]["schedules"])
-    if steps not in available:
-        raise DiffimlError(f"parameter steps={steps}: the bundle has schedules for {available} steps")
+    if steps not in bundle.step_counts:  # checked here: the bundle's own error names a path of the server
+        raise DiffimlError(f"parameter steps={steps}: the bundle has schedules for {bundle.step_counts} steps")
     return Settings(steps, integer("ensemble", bundle.default_ensemble, 1, MAX_ENSEMBLE),
                     integer("seed", 0, 0, 2**31 - 1), flag("uncertainty"), flag("raw"))
 
@@ -142,10 +141,7 @@ class InstanceModel:
         return [self._stack(request_rows) for request_rows in rows]
 
     def _decode(self, data: Any) -> DecodedImage:
-        raw = bytes(data) if not isinstance(data, bytes) else data
-        if len(raw) > MAX_BYTES:
-            raise ImageDecodeError(f"<bytes>: larger than {MAX_BYTES >> 20} MiB")
-        return load_image(raw, self.bundle.image_size)
+        return load_image(data if isinstance(data, bytes) else bytes(data), self.bundle.image_size)
 
     @staticmethod
     def _encode(result: LocalizationResult, s: Settings, batch: int, backend: str) -> dict[str, Any]:

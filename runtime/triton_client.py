@@ -13,7 +13,7 @@ import numpy as np
 from diffiml.runtime.errors import BackendUnavailableError, DiffimlError
 from diffiml.runtime.localizer import LocalizationResult
 
-MODEL_NAME = "diffiml"  # the name diffiml.runtime.serving binds (kept here too: the client must not need PyTriton)
+MODEL_NAME = "diffiml"  # the Triton model name; defined here, where both the server and the PyTriton-free client see it
 
 
 class ServerError(DiffimlError):

@@ -59,9 +59,12 @@ def test_a_bundle_that_is_a_file_is_one_line(good_image, tmp_path):
     assert "not an engine bundle" in done.stderr and done.returncode == 2
 
 
-def test_a_corrupt_image_beside_a_good_one_fails_alone(tiny_bundle, good_image, tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+@pytest.mark.parametrize("kind", ["truncated png", "bmp claiming 60000x60000"])
+def test_a_corrupt_image_beside_a_good_one_fails_alone(tiny_bundle, good_image, tmp_path, kind):
+    from test_decode_fuzz import lying_headers
+
+    bad = tmp_path / ("bad.png" if kind.endswith("png") else "bad.bmp")
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40 if kind.endswith("png") else lying_headers()["bmp"])
     done = _run("localize", str(good_image), str(bad), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert any(line.startswith("diffiml localize: ") and str(bad) in line for line in done.stderr.splitlines())
