@@ -310,3 +310,55 @@ def test_cuda_available_needs_a_working_cuda_session(monkeypatch):
             assert ort_backend.cuda_available() is False  # listed, but the session fell back to the CPU
     finally:
         ort_backend.cuda_available.cache_clear()
+
+
+def test_the_image_score_is_the_mean_of_the_top_half_percent_not_of_all_pixels():
+    from diffiml.runtime.localizer import image_score
+
+    prob = np.zeros((100, 100), np.float32)
+    prob.flat[:50] = 1.0  # exactly the top 0.5 %
+    prob.flat[50:100] = 0.5
+    assert image_score(prob) == pytest.approx(1.0)
+    prob.flat[:50] = 0.8
+    assert image_score(prob) == pytest.approx(0.8)  # neither the max nor the mean (0.0065)
+
+
+def test_uncertainty_is_the_standard_deviation_of_the_members_probabilities(tiny_bundle):
+    loc = Localizer.open(tiny_bundle, backend="ort-cpu", ensemble=4, uncertainty=True, seed=3)
+    decoder = loc.engines["mask_decoder"]
+    seen = []
+    original = decoder.run
+
+    def recording(feeds):
+        out = original(feeds)
+        seen.append(out["probability"].copy())
+        return out
+
+    decoder.run = recording
+    try:
+        r = loc.localize(_rgb(64, 64, seed=5))
+    finally:
+        decoder.run = original
+    members = seen[-1][:, 0]  # the decoder's last call: every member on its own
+    assert members.shape[0] == 4 and members.std(axis=0).max() > 1e-3  # the members do differ
+    np.testing.assert_allclose(r.model_uncertainty, members.std(axis=0), atol=1e-6)
+
+
+def test_16_bit_input_keeps_its_high_byte():
+    from diffiml.runtime.image_io import to_rgb8
+
+    sixteen = np.array([[0, 0x00FF, 0x8000, 0xFFFF]], np.uint16)
+    assert to_rgb8(sixteen)[0, :, 0].tolist() == [0, 0, 128, 255]  # shifted, not wrapped (255, 0, 255)
+
+
+def test_exif_orientation_is_honoured_in_reduced_decoding_too():
+    """A large landscape JPEG with EXIF orientation 6, decoded at 1/8 for a small model, is a portrait image."""
+    from PIL import Image
+
+    buf = __import__("io").BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_rgb(512, 1024)).save(buf, "JPEG", exif=exif.tobytes())
+    decoded = load_image(buf.getvalue(), model_size=32)
+    assert decoded.rgb.shape[:2] == (128, 64)  # reduced, and rotated: taller than wide
+    assert (decoded.height, decoded.width) == (1024, 512)
