@@ -295,19 +295,36 @@ def test_cli_reports_members_of_an_adaptive_ensemble(tiny_bundle, tmp_path):
     assert json.loads(run.stdout.splitlines()[-1])["members"] == 2
 
 
-def test_cuda_available_needs_a_working_cuda_session(monkeypatch):
-    """A wheel that lists the CUDA provider is not proof of a GPU: the probe session must keep CUDA and compute."""
+@pytest.mark.parametrize("session, expected", [
+    ("falls back to the CPU", False), ("fails to compute", False), ("raises", False), ("computes on CUDA", True)])
+def test_cuda_available_needs_a_working_cuda_session(monkeypatch, session, expected):
+    """A wheel that lists the CUDA provider is not proof of a GPU: the probe session must keep CUDA and compute.
+    The sessions are stand-ins, so every case runs whichever onnxruntime wheel is installed."""
     import onnxruntime as ort
 
     from diffiml.runtime.backends import ort_backend
 
     probe = ort.InferenceSession(ort_backend._RELU_PROBE, providers=["CPUExecutionProvider"])
     assert probe.run(None, {"x": np.array([-1, 0, 1, 2], np.float32)})[0].tolist() == [0, 0, 1, 2]
+
+    class Session:
+        def __init__(self, *args, **kwargs):
+            if session == "raises":
+                raise RuntimeError("CUDA driver version is insufficient")
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"] if session == "falls back to the CPU" else ["CUDAExecutionProvider"]
+
+        def run(self, _names, feeds):
+            return [np.maximum(feeds["x"], 0) if session == "computes on CUDA" else np.zeros(4, np.float32)]
+
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    if hasattr(ort, "preload_dlls"):
+        monkeypatch.setattr(ort, "preload_dlls", lambda: None)
     ort_backend.cuda_available.cache_clear()
     try:
-        if "CUDAExecutionProvider" not in ort.capi._pybind_state.get_available_providers():
-            assert ort_backend.cuda_available() is False  # listed, but the session fell back to the CPU
+        assert ort_backend.cuda_available() is expected
     finally:
         ort_backend.cuda_available.cache_clear()
 
