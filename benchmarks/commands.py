@@ -8,7 +8,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from diffiml.files import write_bytes_atomic
+from diffiml.files import write_text_atomic
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -140,10 +140,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(handler=memory)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
 def _check_names(names: list[str], data: list[str]) -> None:
     if len(names) != len(data):
         raise ValueError("give one --name per --data")
@@ -213,8 +209,8 @@ def table4(args: argparse.Namespace) -> int:
             "warm-ups; FPS = batch / median latency. GMACs follow the paper (one UNet call per member); "
             "'executed' counts all K steps.")
     md = to_markdown(rows, note)
-    _atomic_write(out / "table4.json", json.dumps(rows, indent=2))
-    _atomic_write(out / "table4.md", md)
+    write_text_atomic(out / "table4.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / "table4.md", md)
     print(md)
     return 0
 
@@ -227,9 +223,9 @@ def scaling(args: argparse.Namespace) -> int:
                            args.runs, args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "scaling.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "scaling.json", json.dumps(result, indent=2))
     md = to_markdown(result)
-    _atomic_write(out / "scaling.md", md)
+    write_text_atomic(out / "scaling.md", md)
     plot(result, out / "scaling.png")
     print(md)
     return 0
@@ -243,8 +239,8 @@ def unet_call(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}; config {args.config}; {args.runs} timed runs "
                               f"after {args.warmup} warm-ups; random weights.\n")
-    _atomic_write(out / "unet_call.json", json.dumps(rows, indent=2))
-    _atomic_write(out / "unet_call.md", md)
+    write_text_atomic(out / "unet_call.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / "unet_call.md", md)
     print(md)
     return 0
 
@@ -263,8 +259,8 @@ def curve(args: argparse.Namespace) -> int:
     md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()} with `diffiml bench curve` (N and K from the "
                               f"manifest unless given, seed {args.seed}, ort-cpu); per-image F1 at 0.5 averaged over "
                               "manipulated images.\n")
-    _atomic_write(out / "curve.json", json.dumps(rows, indent=2))
-    _atomic_write(out / "curve.md", md)
+    write_text_atomic(out / "curve.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / "curve.md", md)
     print(md)
     return 0
 
@@ -275,7 +271,7 @@ def memory(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = peak_memory_of_localization(args.bundle, args.size, out)
-    _atomic_write(out / "memory.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "memory.json", json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0
 
@@ -295,9 +291,9 @@ def serve_load(args: argparse.Namespace) -> int:
     meta = {"date": str(date.today()), "bundle": args.bundle, "cpus": os.cpu_count(), "parameters": parameters,
             "duration_s": args.duration, "max_batch": args.max_batch, "max_queue_delay_ms": args.max_queue_delay_ms,
             "bad_every": args.bad_every, "command": " ".join(["diffiml", *sys.argv[1:]])}
-    _atomic_write(out / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_text_atomic(out / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = load.markdown(rows)
-    _atomic_write(out / "serve.md", table)
+    write_text_atomic(out / "serve.md", table)
     print(table)
     lost = sum(r["good_lost"] for r in rows) + sum(r["bad_accepted"] for r in rows)
     return 1 if lost else 0
@@ -312,8 +308,8 @@ def correlation(args: argparse.Namespace) -> int:
                              threads=args.threads)
     md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` "
                               "(medians of alternating runs, onnxruntime CPU, one image).\n")
-    _atomic_write(out / "correlation.json", json.dumps(rows, indent=2))
-    _atomic_write(out / "correlation.md", md)
+    write_text_atomic(out / "correlation.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / "correlation.md", md)
     print(md)
     return 0
 
@@ -327,8 +323,8 @@ def roofline(args: argparse.Namespace) -> int:
     result = run(args.bundle, args.members, args.threads, args.runs, args.precision)
     result["command"] = " ".join(["diffiml", *sys.argv[1:]])
     result["date"] = str(date.today())
-    _atomic_write(out / "roofline.json", json.dumps(result, indent=2))
-    _atomic_write(out / "roofline.md", markdown(result))
+    write_text_atomic(out / "roofline.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "roofline.md", markdown(result))
     print(markdown(result))
     return 0
 
@@ -346,8 +342,8 @@ def modes(args: argparse.Namespace) -> int:
     rows = bench_modes(args.config, args.modes.split(","), Path(args.image), args.runs, args.warmup, args.threads,
                        calibration, args.bundle)
     meta = {"date": str(date.today()), "command": " ".join(["diffiml", *sys.argv[1:]])}
-    _atomic_write(out / "modes.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
-    _atomic_write(out / "modes.md", to_markdown(rows))
+    write_text_atomic(out / "modes.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_text_atomic(out / "modes.md", to_markdown(rows))
     print(to_markdown(rows))
     return 0
 
@@ -359,7 +355,7 @@ def gpu_check(args: argparse.Namespace) -> int:
               "check": compare(args.bundle, args.backend, sample_images([Path(p) for p in args.image]))}
     report["date"] = str(date.today())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(args.out), json.dumps(report, indent=2))
+    write_text_atomic(Path(args.out), json.dumps(report, indent=2))
     print(json.dumps(report["check"]))
     failed = [p for p, r in report["check"].items() if isinstance(r, dict) and r.get("passed") is False]
     return 1 if failed else 0

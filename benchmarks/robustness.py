@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from diffiml.benchmarks.evaluate import evaluate
+from diffiml.files import atomic_path
 
 PERTURBATIONS: dict[str, list[float]] = {
     "jpeg_quality": [100, 90, 80, 70, 60, 50],
@@ -59,7 +60,6 @@ def plot(result: dict[str, list[dict[str, float]]], path: Path, title: str) -> N
             ax.invert_xaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)

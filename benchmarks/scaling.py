@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from diffiml.benchmarks.table4 import runtime_pipeline, time_runs
+from diffiml.files import atomic_path
 
 
 def bench_scaling(bundle: str, backend: str, ensembles: list[int], steps_list: list[int], batches: list[int],
@@ -71,7 +72,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"DiffIML runtime scaling ({result['backend']}, {result['image_size']}²)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)

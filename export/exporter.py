@@ -25,6 +25,7 @@ import diffiml
 from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
 from diffiml.export.attention import FUSED_DOMAIN, attention_for_export
 from diffiml.export.graphs import GraphSpec, graph_specs
+from diffiml.files import write_bytes_atomic
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.schedule import ddim_plan
 from diffiml.train.checkpoint import load_config, load_weights, replace_folder, resolve_checkpoint
@@ -89,11 +90,6 @@ def check_against_torch(spec: GraphSpec, module: torch.nn.Module, onnx_bytes: by
     return worst
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
 
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None,
                   steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused",
@@ -122,7 +118,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
             spec, module, data, [{"images": 1, "members": 3, "latents": 1}, {"images": 2, "members": 4, "latents": 3}]
         )
         file = f"{gname}.onnx"
-        _atomic_write(staging / file, data)
+        write_bytes_atomic(staging / file, data)
         graphs[gname] = {
             "file": file, "sha256": sha256_of(staging / file), "precision": "fp32",
             "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import tensorrt as trt
 
+from diffiml.files import write_bytes_atomic, write_text_atomic
 from diffiml.runtime.backends.tensorrt_backend import device_identity, unavailable_reason
 from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle, sha256_of
 
@@ -71,9 +71,7 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine")
-    tmp = cache_path.with_name(cache_path.name + ".tmp")
-    tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-    os.replace(tmp, cache_path)
+    write_bytes_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
 
@@ -97,9 +95,7 @@ def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
         data = build_engine(graph.path, batch_profile(bundle.manifest["graphs"][name], max_batch, members),
                             precision, bundle.root / TIMING_CACHE)
         file = f"{name}.{precision}.sm{cc}.trt{identity['tensorrt_version']}.engine"
-        tmp = bundle.root / (file + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, bundle.root / file)
+        write_bytes_atomic(bundle.root / file, data)
         entries.append({"graph": name, "file": file, "sha256": sha256_of(bundle.root / file), "precision": precision,
                         "max_images": max_batch, "max_members": members, **identity})
         log.info("%s: built %s", name, file)
@@ -107,7 +103,5 @@ def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
     keep = [e for e in manifest.get("engines", []) if (e["compute_capability"], e["tensorrt_version"]) !=
             (identity["compute_capability"], identity["tensorrt_version"])]
     manifest["engines"] = keep + entries
-    tmp = bundle.root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, bundle.root / "manifest.json")
+    write_text_atomic(bundle.root / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     return entries

@@ -3,24 +3,17 @@ temporary name and renamed, so an interrupted run never leaves a half-written fi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from diffiml.files import write_png_atomic
 from diffiml.runtime.localizer import LocalizationResult
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        if not cv2.imwrite(str(tmp), array):
-            raise OSError(f"{path}: could not be written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_png_atomic(path, array)
 
 
 def heat_overlay(rgb: np.ndarray, probability: np.ndarray, alpha: float = 0.5) -> np.ndarray:

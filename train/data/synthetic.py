@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from diffiml.files import write_png_atomic, write_text_atomic
 from diffiml.train.data.augment import jpeg
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,7 @@ def manipulate(kind: str, base: np.ndarray, donor: np.ndarray, region: np.ndarra
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    if not cv2.imwrite(str(tmp), array[..., ::-1] if array.ndim == 3 else array):
-        raise OSError(f"{path}: could not be written")
-    os.replace(tmp, path)
+    write_png_atomic(path, array[..., ::-1] if array.ndim == 3 else array)
 
 
 def make_synthetic(out: str | Path, n: int, seed: int = 0, size: int = 256, holdout_type: str | None = None,
@@ -168,7 +165,5 @@ def make_synthetic(out: str | Path, n: int, seed: int = 0, size: int = 256, hold
         if progress:
             progress(i)
     for name, rows in lists.items():
-        tmp = out / f"{name}.json.tmp"
-        tmp.write_text(json.dumps(rows, indent=0))
-        os.replace(tmp, out / f"{name}.json")
+        write_text_atomic(out / f"{name}.json", json.dumps(rows, indent=0))
     return {k: len(v) for k, v in lists.items()}
