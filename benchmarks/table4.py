@@ -72,13 +72,11 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
     import torch
 
     from diffiml.constants import LATENT_CHANNELS
-    from diffiml.schedule import ddim_plan, ensemble_noise
-    from diffiml.train.ddim import ddim_update
+    from diffiml.schedule import ensemble_noise
+    from diffiml.train.sampler import decode_probability, denoise_from_condition
 
-    plan = ddim_plan(steps)
     h = image.shape[-1] // 8
     noise = torch.from_numpy(ensemble_noise(0, ensemble, (2 * LATENT_CHANNELS, h, h))).to(image.device, image.dtype)
-    unet = unet or model.unet
     # Kernels are asynchronous on a GPU: stage clocks are read after a synchronize.
     sync = torch.cuda.synchronize if image.device.type == "cuda" and staged else (lambda: None)
 
@@ -87,22 +85,12 @@ def torch_pipeline(model: Any, image: Any, steps: int, ensemble: int, authors_or
         sync()
         t0 = time.perf_counter()
         cond = model.encoder(image)
-        hoisted = None if authors_order else model.unet.condition_features(cond)
         sync()
         t1 = time.perf_counter()
-        groups = [noise[i : i + 1] for i in range(ensemble)] if authors_order else [noise]
-        finals = []
-        for z in groups:
-            z = z.repeat(image.shape[0], 1, 1, 1)
-            for t, c0, ct, sa in plan.steps():
-                feats = model.unet.condition_features(cond) if authors_order else hoisted
-                z0 = unet(z, torch.full((z.shape[0],), t, dtype=torch.int64, device=z.device), feats)
-                z = ddim_update(z, z0, c0, ct, sa)
-            finals.append(z)
-        z = torch.stack(finals).mean(0) if authors_order else z.view(image.shape[0], ensemble, *z.shape[1:]).mean(1)
+        z = denoise_from_condition(model, cond, noise, steps, unet=unet, authors_order=authors_order).mean(1)
         sync()
         t2 = time.perf_counter()
-        probability = torch.sigmoid(model.vae.decode(z[:, :LATENT_CHANNELS]))
+        probability = decode_probability(model, z)
         sync()
         if not staged:
             return {"probability": probability}

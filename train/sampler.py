@@ -8,6 +8,7 @@ function the runtime uses, so exported engines can be checked against this pipel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,17 +26,31 @@ class Sample:
 
 
 @torch.no_grad()
+def denoise_from_condition(model: DiffIML, cond: torch.Tensor, noise: torch.Tensor, steps: int,
+                           unet: Any = None, authors_order: bool = False) -> torch.Tensor:
+    """The encoder's output (B, C, h, w); noise (N, 8, h, w), shared by every image -> final latents
+    (B, N, 8, h, w). ``unet`` replaces ``model.unet``'s call (a compiled UNet, for Table 4). ``authors_order``: the
+    authors' loop, one member at a time with the UNet's condition conv re-run at every step (Table 4's reference);
+    otherwise the condition conv runs once and all members are one batch."""
+    b, n = cond.shape[0], noise.shape[0]
+    plan = ddim_plan(steps)
+    call = unet or model.unet
+    hoisted = None if authors_order else model.unet.condition_features(cond)
+    finals = []
+    for group in ([noise[i : i + 1] for i in range(n)] if authors_order else [noise]):
+        z = group.to(cond.device, cond.dtype).repeat(b, 1, 1, 1)
+        for t, c_x0, c_xt, sqrt_alpha in plan.steps():
+            feats = model.unet.condition_features(cond) if hoisted is None else hoisted
+            z0 = call(z, torch.full((z.shape[0],), t, dtype=torch.int64, device=z.device), feats)
+            z = ddim_update(z, z0, c_x0, c_xt, sqrt_alpha)
+        finals.append(z)
+    return torch.stack(finals, dim=1) if authors_order else finals[0].view(b, n, *finals[0].shape[1:])
+
+
+@torch.no_grad()
 def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """image (B, 3, H, W); noise (N, 8, h, w), shared by every image -> final latents (B, N, 8, h, w)."""
-    b, n = image.shape[0], noise.shape[0]
-    plan = ddim_plan(steps)
-    cond = model.unet.condition_features(model.encoder(image))  # once per image, broadcast in the UNet
-    z = noise.to(image.device).repeat(b, 1, 1, 1)
-    for t, c_x0, c_xt, sqrt_alpha in plan.steps():
-        timestep = torch.full((b * n,), t, dtype=torch.int64, device=image.device)
-        z0 = model.unet(z, timestep, cond)
-        z = ddim_update(z, z0, c_x0, c_xt, sqrt_alpha)
-    return z.view(b, n, *z.shape[1:])
+    return denoise_from_condition(model, model.encoder(image), noise, steps)
 
 
 @torch.no_grad()
