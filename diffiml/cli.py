@@ -10,10 +10,6 @@ import sys
 from diffiml.runtime.errors import DiffimlError
 
 
-class UserError(Exception):
-    """Raised by handlers for a problem the user can fix; printed as one line."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     from diffiml import __version__
     from diffiml.train import commands as train_commands
@@ -43,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffiml: interrupted", file=sys.stderr)
         return 130
-    except (UserError, DiffimlError, ValueError, OSError, RuntimeError) as exc:
-        # Typed errors of ours (DiffimlError and its subclasses, UserError) and the ValueError / OSError that name
+    except (DiffimlError, ValueError, OSError, RuntimeError) as exc:
+        # Typed errors of ours (DiffimlError and its subclasses) and the ValueError / OSError that name
         # a bad file: their message already names the file and the fix.
         if args.verbose:
             raise

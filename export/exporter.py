@@ -25,6 +25,7 @@ import diffiml
 from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
 from diffiml.export.attention import FUSED_DOMAIN, attention_for_export
 from diffiml.export.graphs import GraphSpec, graph_specs
+from diffiml.export.precision_check import graph_entry
 from diffiml.files import write_bytes_atomic
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.schedule import ddim_plan
@@ -119,11 +120,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
         )
         file = f"{gname}.onnx"
         write_bytes_atomic(staging / file, data)
-        graphs[gname] = {
-            "file": file, "sha256": sha256_of(staging / file), "precision": "fp32",
-            "inputs": [t.to_json() for t in spec.inputs], "outputs": [t.to_json() for t in spec.outputs],
-            "domains": sorted({o.domain for o in onnx.load_from_string(data).opset_import}),
-        }
+        graphs[gname] = graph_entry(staging / file, "fp32", [t.to_json() for t in spec.inputs],
+                                    [t.to_json() for t in spec.outputs])
         log.info("%s: exported, max |onnxruntime - torch| = %.2e", gname, checks[gname])
 
     all_steps = sorted({*steps, cfg.steps, DEFAULT_STEPS})

@@ -87,9 +87,6 @@ class GraphSpec:
                 out[spec.name] = torch.randn(shape, generator=g)
         return out
 
-    def dynamic_dims(self) -> set[str]:
-        return {d for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, str)}
-
 
 def graph_specs(model: DiffIML) -> dict[str, tuple[GraphSpec, nn.Module]]:
     """The three graphs of ``model``. Wrappers come back in eval mode: the exporter restores a module's mode after

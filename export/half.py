@@ -46,7 +46,7 @@ def add_fp16(bundle_dir: Path, check: Sequence[Any] = ()) -> dict[str, Any]:
         fp32 = bundle.graph(name)
         out = Path(bundle_dir) / f"{name}.fp16.onnx"
         convert_graph(fp32.path, out, name)
-        graphs[name] = graph_entry(fp32, out, "fp16")
+        graphs[name] = graph_entry(out, "fp16", fp32.inputs, fp32.outputs)
     entry: dict[str, Any] = {"graphs": graphs, "fp32_ops": FP32_OPS,
                              "fp32_nodes": "the UNet-step graph's DDIM update"}
     if check:

@@ -9,17 +9,18 @@ from typing import Any
 
 from diffiml.files import sha256_of
 from diffiml.runtime.backends import open_backend
-from diffiml.runtime.bundle import Bundle, GraphEntry
+from diffiml.runtime.bundle import Bundle
 from diffiml.runtime.localizer import Localizer
 from diffiml.runtime.metrics import map_agreement
 
 
-def graph_entry(fp32: GraphEntry, path: Path, precision: str) -> dict[str, Any]:
-    """The manifest entry of ``path``, the ``precision`` version of the ``fp32`` graph (same inputs and outputs)."""
+def graph_entry(path: Path, precision: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The manifest's entry for the graph file ``path`` (every precision's, fp32 included)."""
     import onnx
 
-    return {"file": path.name, "sha256": sha256_of(path), "precision": precision, "inputs": fp32.inputs,
-            "outputs": fp32.outputs, "domains": sorted({o.domain for o in onnx.load(str(path)).opset_import})}
+    return {"file": path.name, "sha256": sha256_of(path), "precision": precision, "inputs": inputs,
+            "outputs": outputs, "domains": sorted({o.domain for o in onnx.load(str(path)).opset_import})}
 
 
 def record_check(bundle: Bundle, precision: str, entry: dict[str, Any], images: Sequence[Any], steps: int,

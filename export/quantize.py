@@ -84,7 +84,7 @@ def add_int8(bundle_dir: Path, calibration: Sequence[Any], check: Sequence[Any],
         fp32 = bundle.graph(name)
         out = Path(bundle_dir) / f"{name}.int8.onnx"
         quantize_graph(fp32.path, out, feeds[name])
-        graphs[name] = graph_entry(fp32, out, "int8")
+        graphs[name] = graph_entry(out, "int8", fp32.inputs, fp32.outputs)
         log.info("%s: int8 on %d calibration feeds", name, len(feeds[name]))
     entry = {"graphs": graphs, "calibration": {"images": len(calibration), "steps": steps, "ensemble": ensemble,
                                                "method": "MinMax", "format": "QDQ", "per_channel": True,

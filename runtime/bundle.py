@@ -27,8 +27,11 @@ GRAPH_IO = {
 }
 # The preprocessing this runtime implements (runtime/image_io.py:preprocess); a bundle asking for other is refused.
 SUPPORTED_INPUT = {"layout": "NCHW", "color": "RGB", "resize": "area"}
-_REQUIRED = ("format_version", "name", "model", "input", "latent", "sampling", "graphs", "opset", "producer",
-             "checkpoint")
+# What the runtime reads. ``model``, ``opset``, ``producer``, ``attention`` and ``checks`` are the exporter's record
+# (engines/README.md: informational); ``checkpoint`` is read by ``--reference`` only, which says so when it is absent.
+_REQUIRED = ("format_version", "name", "input", "latent", "sampling", "graphs")
+# The DDIM update inside the UNet-step graph implements these; a bundle that declares another is refused.
+SUPPORTED_SAMPLING = {"prediction_type": "sample", "eta": 0.0}
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,6 @@ class GraphEntry:
     def nonstandard_domains(self) -> list[str]:
         """Operator domains beyond ONNX's own: an engine must implement them (onnxruntime does, TensorRT does not)."""
         return [d for d in self.domains if d not in ("", "ai.onnx")]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t["name"] for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t["name"] for t in self.outputs]
 
 
 @dataclass(frozen=True)
@@ -119,6 +114,8 @@ class Bundle:
         return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"], tuple(g["domains"]))
 
     def checkpoint_path(self) -> Path:
+        if "path" not in self.manifest.get("checkpoint", {}):
+            raise BundleError(f"{self.root}: the manifest names no checkpoint; give --reference the checkpoint")
         return (self.root / self.manifest["checkpoint"]["path"]).resolve()
 
 
@@ -165,6 +162,10 @@ def validate_manifest(manifest: Any, where: Path) -> None:
                           f"({SUPPORTED_INPUT}, with size, scale, mean and std)")
     if not (isinstance(spec["scale"], int | float) and spec["scale"] > 0):
         raise BundleError(f"{where}: input scale {spec['scale']!r} is not a positive number")
+    declared = {k: manifest["sampling"].get(k, v) for k, v in SUPPORTED_SAMPLING.items()}
+    if declared != SUPPORTED_SAMPLING:
+        raise BundleError(f"{where}: sampling {declared} is not what the UNet-step graphs of this runtime implement "
+                          f"({SUPPORTED_SAMPLING})")
     schedules = manifest["sampling"].get("schedules", {})
     if str(manifest["sampling"].get("default_steps")) not in schedules:
         raise BundleError(f"{where}: manifest.json has no schedule for its default step count")

@@ -102,6 +102,8 @@ def test_corrupted_graph_is_refused(tiny_bundle, tmp_path):
     (lambda m: m["input"].update(color="BGR"), "input preprocessing"),
     (lambda m: m["input"].update(resize="bilinear"), "input preprocessing"),
     (lambda m: m["graphs"]["unet"]["outputs"][0].update(name="z_next"), "this runtime feeds and reads"),
+    (lambda m: m["sampling"].update(eta=1.0), "sampling .* is not what the UNet-step graphs"),
+    (lambda m: m["sampling"].update(prediction_type="epsilon"), "sampling .* is not what the UNet-step graphs"),
 ])
 def test_bad_manifest_is_refused_with_a_clear_error(tiny_bundle, tmp_path, edit, message):
     bad = tmp_path / "bad"
@@ -111,6 +113,22 @@ def test_bad_manifest_is_refused_with_a_clear_error(tiny_bundle, tmp_path, edit,
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=message):
         load_bundle(bad)
+
+
+def test_informational_keys_are_not_needed_to_run(tiny_bundle, tmp_path):
+    """The exporter's record (model, opset, producer, attention, checks, checkpoint) is never read by the runtime:
+    a bundle without it loads and localizes; only --reference, which needs the checkpoint, says it is absent."""
+    from diffiml.runtime.localizer import Localizer
+
+    lean = tmp_path / "lean"
+    shutil.copytree(tiny_bundle, lean)
+    manifest = json.loads((lean / "manifest.json").read_text())
+    for key in ("model", "opset", "producer", "attention", "checks", "checkpoint"):
+        manifest.pop(key)
+    (lean / "manifest.json").write_text(json.dumps(manifest))
+    assert Localizer.open(lean, backend="ort-cpu").localize(np.zeros((20, 20, 3), np.uint8)).mask.shape == (20, 20)
+    with pytest.raises(BundleError, match="names no checkpoint"):
+        load_bundle(lean).checkpoint_path()
 
 
 def test_fused_attention_for_onnxruntime_standard_ops_for_tensorrt(tiny_run, tiny_bundle, tmp_path):
