@@ -49,6 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
         p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step")
         p.add_argument("--image-size", type=int, default=None, help="override the config's input size")
+        p.add_argument("--no-self-correlation", action="store_true",
+                       help="turn the config's self-correlation stage off (the ablation of the shipped model)")
         p.add_argument("--no-inpaint-augment", action="store_true",
                        help="no inpainting in the training augmentation (keeps a held-out inpainting set unseen)")
         if name == "train":
@@ -129,6 +131,8 @@ def _config(args: argparse.Namespace):  # noqa: ANN202
     config = get_config(args.config)
     if args.image_size:
         config = ModelConfig.from_json({**config.to_json(), "image_size": args.image_size})
+    if getattr(args, "no_self_correlation", False):
+        config = ModelConfig.from_json({**config.to_json(), "self_correlation": False})
     return config
 
 
@@ -169,7 +173,8 @@ def train(args: argparse.Namespace) -> int:
     if pretrained == "none" or args.resume or init_from:
         pretrained = None  # a resumed or warm-started run reads its weights from a checkpoint
     model = build_model(config, baseline=args.baseline, pretrained=pretrained)
-    log.info("condition encoder: %s, %s", config.backbone, f"pretrained from {pretrained}" if pretrained else "random")
+    source = f"from {init_from}" if init_from else (f"pretrained from {pretrained}" if pretrained else "random")
+    log.info("condition encoder: %s, %s", config.backbone, source)
     if init_from and not args.resume:
         from diffiml.train.checkpoint import load_warm_start
 
