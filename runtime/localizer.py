@@ -11,7 +11,6 @@ calling thread, in parallel; the engine calls (which reuse preallocated buffers)
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend
 from diffiml.runtime.bundle import Bundle, load_bundle
+from diffiml.runtime.errors import BackendUnavailableError
 from diffiml.runtime.image_io import DecodedImage, ImageInput, load_image, preprocess, resize_probability
 from diffiml.schedule import ensemble_noise
 
@@ -131,13 +131,14 @@ class Localizer:
         self.adaptive = adaptive
         self.bundle = bundle
         self.backend = backend.name
+        self._backend = backend
+        self._owns_backend = False  # Localizer.open's own backend is closed with it; a shared one is not
         self.engines, self.step_loop = backend.engines, backend.step_loop
         self.steps, self.ensemble, self.tta, self.seed, self.uncertainty = steps, ensemble, tta, seed, uncertainty
         self.plan = bundle.plan(steps)
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
-        self._lock = threading.Lock()
 
     @staticmethod
     def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None,
@@ -151,8 +152,26 @@ class Localizer:
         (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``)."""
         bundle = load_bundle(bundle_dir)
         n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
-        return Localizer(bundle, open_backend(bundle, backend, threads, precision), steps or bundle.default_steps, n,
-                         tta, seed, uncertainty, adaptive)
+        engines = open_backend(bundle, backend, threads, precision)
+        try:
+            localizer = Localizer(bundle, engines, steps or bundle.default_steps, n, tta, seed, uncertainty, adaptive)
+        except BaseException:
+            engines.close()
+            raise
+        localizer._owns_backend = True
+        return localizer
+
+    def close(self) -> None:
+        """Free the backend's device resources (TensorRT contexts, CUDA streams and graphs) if this Localizer opened
+        it; a backend shared with other Localizers is left to its owner. Idempotent."""
+        if self._owns_backend:
+            self._backend.close()
+
+    def __enter__(self) -> Localizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def localize(self, image: ImageInput | DecodedImage) -> LocalizationResult:
         return self.localize_batch([image])[0]
@@ -187,7 +206,9 @@ class Localizer:
         blocks = self._noise.reshape(-1, n, *self._noise.shape[1:])
         noise = blocks[np.arange(v) // b]  # (V, N, C, h, w)
         chunks = self.adaptive.chunks(n) if self.adaptive else [n]
-        with self._lock:
+        with self._backend.lock:
+            if self._backend.closed:
+                raise BackendUnavailableError(f"the {self.backend} backend of this Localizer was closed")
             t0 = time.perf_counter()
             cond = self.engines["condition_encoder"].run({"image": np.ascontiguousarray(views)})["cond_features"]
             t1 = time.perf_counter()

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sysconfig
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from diffiml.runtime.localizer import LocalizationResult, Localizer
 from diffiml.runtime.triton_client import MODEL_NAME
 
 log = logging.getLogger(__name__)
+LOCALIZER_CACHE = 64  # Localizers (settings) kept per instance
 MAX_ENSEMBLE = 64  # a request may not ask for more members than this (memory and time of one batch)
 OUTPUT_NAMES = ("score", "manipulated_fraction", "probability_png", "uncertainty_png", "raw_probability",
                 "raw_uncertainty", "info_json", "error")
@@ -99,12 +101,15 @@ class InstanceModel:
 
     def __init__(self, bundle: Bundle, backend: Backend) -> None:
         self.bundle, self.backend = bundle, backend
-        self._localizers: dict[tuple[int, int, int, bool], Localizer] = {}
+        self._localizers: OrderedDict[tuple[int, int, int, bool], Localizer] = OrderedDict()
 
     def localizer(self, s: Settings) -> Localizer:
-        if s.engine_key not in self._localizers:
-            if len(self._localizers) >= 64:  # each holds its noise draws: keep the cache bounded
-                self._localizers.pop(next(iter(self._localizers)))
+        """The Localizer of these settings, from a least-recently-used cache (each holds its noise draws)."""
+        if s.engine_key in self._localizers:
+            self._localizers.move_to_end(s.engine_key)
+        else:
+            if len(self._localizers) >= LOCALIZER_CACHE:
+                self._localizers.popitem(last=False)
             self._localizers[s.engine_key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, s.seed,
                                                        s.uncertainty)
         return self._localizers[s.engine_key]
@@ -290,3 +295,6 @@ def serve(options: ServeOptions) -> None:
             triton.serve()
         except KeyboardInterrupt:
             log.info("stopping: finishing in-flight requests")
+        finally:
+            for model in models:  # after Triton drained: the backends' device resources go with the server
+                model.backend.close()

@@ -379,3 +379,26 @@ def test_exif_orientation_is_honoured_in_reduced_decoding_too():
     decoded = load_image(buf.getvalue(), model_size=32)
     assert decoded.rgb.shape[:2] == (128, 64)  # reduced, and rotated: taller than wide
     assert (decoded.height, decoded.width) == (1024, 512)
+
+
+def test_localizer_closes_its_own_backend_and_leaves_a_shared_one(tiny_bundle):
+    from diffiml.runtime.backends import open_backend
+    from diffiml.runtime.bundle import load_bundle
+    from diffiml.runtime.errors import BackendUnavailableError
+
+    closed = []
+    with Localizer.open(tiny_bundle, backend="ort-cpu") as loc:
+        loc.step_loop.close = lambda: closed.append("step loop")  # what a device backend frees
+        loc.localize(_rgb())
+    assert closed == ["step loop"] and loc._backend.closed
+    loc.close()  # idempotent
+    assert closed == ["step loop"]
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        loc.localize(_rgb())
+
+    bundle = load_bundle(tiny_bundle)
+    shared = open_backend(bundle, "ort-cpu")
+    first, second = (Localizer(bundle, shared, 4, n, False, 0, False) for n in (1, 2))
+    assert first._backend.lock is second._backend.lock  # one lock guards the shared buffers
+    first.close()
+    assert not shared.closed and second.localize(_rgb()).mask.shape == (48, 80)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,9 +47,26 @@ class HostStepLoop:
 
 @dataclass
 class Backend:
-    """What ``open_backend`` returns: the three engines and the step loop of one backend."""
+    """What ``open_backend`` returns: the three engines and the step loop of one backend.
+
+    ``lock`` guards the engines' reused buffers: it lives here, with the buffers, so that every ``Localizer`` built
+    on one backend (serving builds one per setting) takes the same lock. ``close`` frees device resources (streams,
+    captured graphs, device buffers) once; a closed backend refuses to run."""
 
     name: str  # "ort-cpu", "ort-cuda" or "tensorrt"
     engines: dict[str, Engine]
     step_loop: StepLoop
     skipped: dict[str, str] = field(default_factory=dict)  # backends ``auto`` passed over, and why
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    closed: bool = False
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            parts: list[Any] = [self.step_loop, *self.engines.values()]
+            for part in parts:  # the step loop first: it may hold captures on the engines' buffers
+                close = getattr(part, "close", None)
+                if callable(close):
+                    close()
