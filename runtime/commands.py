@@ -49,12 +49,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
     s.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
-    s.add_argument("--port", type=int, default=8000, help="HTTP port; gRPC is PORT+1, metrics PORT+2")
+    s.add_argument("--port", type=int, default=8000,
+                   help="HTTP port; gRPC is PORT+1, Triton's metrics PORT+2, diffiml's row/failure counts PORT+3")
     s.add_argument("--max-batch", type=int, default=8, help="largest batch of requests (1: no dynamic batching)")
     s.add_argument("--max-queue-delay-ms", type=float, default=2.0,
                    help="how long Triton may hold a request to batch it with others")
     s.add_argument("--instances", type=int, default=1, help="model instances, each with its own engines")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads per instance (default: cores/instances)")
+    s.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="seconds a request may wait in Triton's queue before it is rejected")
+    s.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this are rejected at once")
     s.set_defaults(handler=serve)
 
 
@@ -62,12 +66,15 @@ def serve(args: argparse.Namespace) -> int:
     from diffiml.runtime.serving import ServeOptions
     from diffiml.runtime.serving import serve as run_server
 
-    if args.max_batch < 1 or args.instances < 1 or not 0 < args.port < 65534:
-        raise DiffimlError("--max-batch and --instances must be >= 1, --port in 1..65533")
+    if args.max_batch < 1 or args.instances < 1 or not 0 < args.port < 65533:
+        raise DiffimlError("--max-batch and --instances must be >= 1, --port in 1..65532")
+    if args.queue_timeout <= 0 or args.max_queue < 1:
+        raise DiffimlError("--queue-timeout must be > 0 and --max-queue >= 1")
     run_server(ServeOptions(bundle=Path(args.bundle), backend=args.backend, host=args.host, http_port=args.port,
                             grpc_port=args.port + 1, metrics_port=args.port + 2, max_batch=args.max_batch,
                             max_queue_delay_ms=args.max_queue_delay_ms, instances=args.instances,
-                            threads=args.threads, precision=args.precision))
+                            threads=args.threads, precision=args.precision, queue_timeout_s=args.queue_timeout,
+                            max_queue=args.max_queue, stats_port=args.port + 3))
     return 0
 
 

@@ -176,14 +176,19 @@ class Localizer:
     def localize(self, image: ImageInput | DecodedImage) -> LocalizationResult:
         return self.localize_batch([image])[0]
 
-    def localize_batch(self, images: Sequence[ImageInput | DecodedImage]) -> list[LocalizationResult]:
+    def localize_batch(self, images: Sequence[ImageInput | DecodedImage], seeds: Sequence[int] | None = None
+                       ) -> list[LocalizationResult]:
+        """``seeds``: one per image, for images of different seeds in one batch (serving); each image's result is
+        the one it gets alone with its seed. Default: the Localizer's seed for all."""
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         t0 = time.perf_counter()
         size = self.bundle.image_size
         decoded = [im if isinstance(im, DecodedImage) else load_image(im, size) for im in images]
         t1 = time.perf_counter()
         x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
         t2 = time.perf_counter()
-        prob, unc, stage, members = self._infer(x)
+        prob, unc, stage, members = self._infer(x, seeds)
         t3 = time.perf_counter()
         results = []
         for i, d in enumerate(decoded):
@@ -197,14 +202,23 @@ class Localizer:
                             "postprocess": (time.perf_counter() - t3) * per_image}
         return results
 
-    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict[str, float], int]:
+    def _noise_blocks(self, seed: int) -> np.ndarray:
+        """(1 or 2, N, 8, h, w): the plain pass's draws, then the flipped pass's (TTA)."""
+        draws = self._noise if seed == self.seed else ensemble_noise(seed, self._noise.shape[0], self._noise.shape[1:])
+        return draws.reshape(-1, self.ensemble, *draws.shape[1:])
+
+    def _infer(self, x: np.ndarray, seeds: Sequence[int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float], int]:
         """x (B, 3, S, S) -> probability (B, S, S), uncertainty (B, S, S) or None, stage seconds, members used."""
         b, n = x.shape[0], self.ensemble
         views = np.concatenate([x, x[..., ::-1]]) if self.tta else x  # flipped copies are extra "images"
         v = views.shape[0]
         # Image i of the first B uses noise draws [0, N); its flipped copy uses [N, 2N).
-        blocks = self._noise.reshape(-1, n, *self._noise.shape[1:])
-        noise = blocks[np.arange(v) // b]  # (V, N, C, h, w)
+        if seeds is None:
+            noise = self._noise_blocks(self.seed)[np.arange(v) // b]  # (V, N, C, h, w)
+        else:
+            per_seed = {seed: self._noise_blocks(seed) for seed in set(seeds)}
+            noise = np.stack([per_seed[seeds[j % b]][j // b] for j in range(v)])
         chunks = self.adaptive.chunks(n) if self.adaptive else [n]
         with self._backend.lock:
             if self._backend.closed:

@@ -4,10 +4,14 @@ share one model behind HTTP/gRPC endpoints with Triton's dynamic batching, healt
 The model, ``diffiml``, takes one encoded image per batch row (BYTES: PNG/JPEG/TIFF as sent, decoded here with the
 same limits and errors as ``localize``) and optional request parameters ``steps``, ``ensemble``, ``seed``,
 ``uncertainty`` and ``raw`` (also return the model-size float maps). Requests that Triton batches together are
-grouped by their settings and run through the encoder and the UNet steps as one batch.
+grouped by what changes the computation (steps, ensemble, uncertainty) and run through the encoder and the UNet
+steps as one batch; seeds may differ within a batch (noise is drawn per row). Only the outputs a request asks for
+are encoded (the PNGs are the costly part).
 
-PyTriton fails a whole batch when its callable raises, so a bad input must not raise: each row carries an ``error``
-output, empty when the row succeeded. A client treats a non-empty ``error`` as that image's failure.
+PyTriton fails a whole batch when its callable raises, so nothing a row brings may raise: each row carries an
+``error`` output, empty when the row succeeded, and its neighbours are answered as if it were not there. A client
+treats a non-empty ``error`` as that image's failure; failures are counted on the stats port (``serving_stats``).
+Every answer's ``info_json`` names the bundle's graphs' sha256 and the ensemble members used.
 
 Serving runs in its own environment (``make serve-env``): Triton's Python-backend stub needs numpy < 2.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sysconfig
 from collections import OrderedDict
@@ -33,6 +38,7 @@ from diffiml.runtime.bundle import Bundle, load_bundle
 from diffiml.runtime.errors import DiffimlError
 from diffiml.runtime.image_io import DecodedImage, load_image
 from diffiml.runtime.localizer import LocalizationResult, Localizer
+from diffiml.runtime.serving_stats import ServeStats, start_stats_server
 from diffiml.runtime.triton_client import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ LOCALIZER_CACHE = 64  # Localizers (settings) kept per instance
 MAX_ENSEMBLE = 64  # a request may not ask for more members than this (memory and time of one batch)
 OUTPUT_NAMES = ("score", "manipulated_fraction", "probability_png", "uncertainty_png", "raw_probability",
                 "raw_uncertainty", "info_json", "error")
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,13 @@ class Settings:
 
     @property
     def engine_key(self) -> tuple[int, int, int, bool]:
-        """What changes the computation (``raw`` only changes what is returned)."""
+        """The Localizer these settings need (its default seed included)."""
         return self.steps, self.ensemble, self.seed, self.uncertainty
+
+    @property
+    def batch_key(self) -> tuple[int, int, bool]:
+        """What rows of one batch must share (the seed is per row; ``raw`` only changes what is returned)."""
+        return self.steps, self.ensemble, self.uncertainty
 
 
 def parse_settings(parameters: dict[str, Any] | None, bundle: Bundle) -> Settings:
@@ -67,7 +79,7 @@ def parse_settings(parameters: dict[str, Any] | None, bundle: Bundle) -> Setting
 
     def integer(name: str, default: int, low: int, high: int) -> int:
         value = p.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).lstrip("-").isdigit():
+        if isinstance(value, bool) or not isinstance(value, int | str) or not _INTEGER.fullmatch(str(value)):
             raise DiffimlError(f"parameter {name} must be an integer, got {value!r}")
         if not low <= int(value) <= high:
             raise DiffimlError(f"parameter {name} must be in [{low}, {high}], got {value}")
@@ -99,8 +111,11 @@ class InstanceModel:
     """One Triton model instance: its own engines (sessions, buffers) and one Localizer per settings over them.
     Triton calls an instance from one thread at a time; several instances run side by side."""
 
-    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, stats: ServeStats | None = None) -> None:
         self.bundle, self.backend = bundle, backend
+        self.bundle_sha256 = {name: bundle.graph(name).sha256 for name in ("condition_encoder", "unet",
+                                                                           "mask_decoder")}
+        self.stats = stats or ServeStats(self.bundle_sha256)
         self._localizers: OrderedDict[tuple[int, int, int, bool], Localizer] = OrderedDict()
 
     def localizer(self, s: Settings) -> Localizer:
@@ -116,47 +131,65 @@ class InstanceModel:
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows: list[list[dict[str, Any]]] = []
-        groups: dict[tuple[int, int, int, bool], list[tuple[dict[str, Any], DecodedImage, Settings]]] = {}
+        groups: dict[tuple[int, int, bool], list[tuple[dict[str, Any], DecodedImage, Settings, Any]]] = {}
         for request in requests:
-            images = np.asarray(request["image"]).reshape(-1)
-            request_rows: list[dict[str, Any]] = [{} for _ in images]
+            request_rows: list[dict[str, Any]] = []
             rows.append(request_rows)
-            try:
+            try:  # nothing a request brings may raise out of here: PyTriton would fail the whole batch
+                images = np.asarray(request["image"]).reshape(-1)
+                request_rows.extend({} for _ in images)
                 settings = parse_settings(request.parameters, self.bundle)
-            except DiffimlError as exc:
-                for row in request_rows:
-                    row["error"] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a malformed request is that request's error
+                request_rows[:] = request_rows or [{}]
+                self._fail(request_rows, "parameters", exc)
                 continue
+            wanted = getattr(request, "requested_output_names", None)
             for row, data in zip(request_rows, images, strict=True):
                 try:
                     decoded = self._decode(data)
-                except DiffimlError as exc:
-                    row["error"] = str(exc)
+                except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's
+                    self._fail([row], "decode", exc)
                     continue
-                groups.setdefault(settings.engine_key, []).append((row, decoded, settings))
+                groups.setdefault(settings.batch_key, []).append((row, decoded, settings, wanted))
         for members in groups.values():
             try:
-                results = self.localizer(members[0][2]).localize_batch([d for _, d, _ in members])
-            except DiffimlError as exc:  # e.g. a batch over the engines' limits: the rows fail, not the server
-                for row, _, _ in members:
-                    row["error"] = str(exc)
-                continue
-            for (row, _, settings), result in zip(members, results, strict=True):
-                row.update(self._encode(result, settings, len(members), self.backend.name))
+                localizer = self.localizer(members[0][2])
+                results = localizer.localize_batch([d for _, d, _, _ in members],
+                                                   seeds=[s.seed for _, _, s, _ in members])
+                for (row, _, settings, wanted), result in zip(members, results, strict=True):
+                    row.update(self._encode(result, settings, len(members), wanted))
+                self.stats.ok(len(members))
+            except Exception as exc:  # noqa: BLE001 - e.g. a batch over the engines' limits: these rows fail
+                self._fail([m[0] for m in members], "inference" if isinstance(exc, DiffimlError) else "internal",
+                           exc)
+                if not isinstance(exc, DiffimlError):
+                    log.exception("inference failed for a batch of %d", len(members))
         return [self._stack(request_rows) for request_rows in rows]
+
+    def _fail(self, rows: list[dict[str, Any]], kind: str, exc: BaseException) -> None:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for row in rows:
+            row.clear()
+            row["error"] = message if isinstance(exc, DiffimlError) else f"{kind} failed: {message}"
+        self.stats.failed(kind, len(rows))
 
     def _decode(self, data: Any) -> DecodedImage:
         return load_image(data if isinstance(data, bytes) else bytes(data), self.bundle.image_size)
 
-    @staticmethod
-    def _encode(result: LocalizationResult, s: Settings, batch: int, backend: str) -> dict[str, Any]:
+    def _encode(self, result: LocalizationResult, s: Settings, batch: int, wanted: list[str] | None
+                ) -> dict[str, Any]:
+        """The row's outputs; of the costly ones, only those the request names (all when it names none)."""
+        asked = set(wanted) if wanted else set(OUTPUT_NAMES)
         row: dict[str, Any] = {"score": result.score, "manipulated_fraction": result.manipulated_fraction,
-                               "probability_png": _png16(result.probability16()),
                                "info_json": json.dumps({"height": result.height, "width": result.width,
                                                         "timings_ms": {k: round(v, 3) for k, v in
                                                                        result.timings_ms.items()},
-                                                        "batch_images": batch, "backend": backend})}
-        unc16 = result.uncertainty16()
+                                                        "batch_images": batch, "backend": self.backend.name,
+                                                        "members": result.members, "seed": s.seed,
+                                                        "bundle_sha256": self.bundle_sha256})}
+        if "probability_png" in asked:
+            row["probability_png"] = _png16(result.probability16())
+        unc16 = result.uncertainty16() if "uncertainty_png" in asked else None
         if unc16 is not None:
             row["uncertainty_png"] = _png16(unc16)
         if s.raw:
@@ -217,6 +250,9 @@ class ServeOptions:
     threads: int | None = None  # intra-op threads per instance; default: the cores shared among the instances
     exit_timeout_s: int = 30
     precision: str = "fp32"
+    queue_timeout_s: float = 60.0  # a request still queued after this is rejected (a client may ask for less)
+    max_queue: int = 256  # requests queued beyond this are rejected at once, not held
+    stats_port: int | None = 8003  # our own /metrics (rows served and failed, bundle sha256s); None: off
 
 
 def open_instances(options: ServeOptions) -> list[InstanceModel]:
@@ -227,10 +263,12 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     # The serving process decodes, encodes and moves requests beside inference, on the same cores: onnxruntime's
     # threads sleep instead of spinning between operators (measured: benchmarks/RESULTS.md, serving).
     os.environ.setdefault("DIFFIML_ORT_SPINNING", "0")
-    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision))
+    stats = ServeStats({name: bundle.graph(name).sha256 for name in ("condition_encoder", "unet", "mask_decoder")})
+    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision), stats)
               for _ in range(options.instances)]
     for model in models:
         _warm_up(model)
+    stats.reset()
     return models
 
 
@@ -267,7 +305,7 @@ def serve(options: ServeOptions) -> None:
     """Run Triton with the DiffIML model until SIGINT/SIGTERM. Ready (``/v2/models/diffiml/ready``) only after the
     bundle is verified and every instance has run one warm-up request."""
     try:
-        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, TimeoutAction
         from pytriton.triton import Triton, TritonConfig
     except ImportError:
         raise DiffimlError("serving needs PyTriton: run `make serve-env` and use .venv-serve/bin/diffiml") from None
@@ -280,9 +318,17 @@ def serve(options: ServeOptions) -> None:
                           grpc_port=options.grpc_port, metrics_port=options.metrics_port,
                           exit_timeout_secs=options.exit_timeout_s, strict_readiness=True)
     batching = options.max_batch > 1
+    # A full or slow queue rejects (the client gets an error and may retry elsewhere) rather than holding requests
+    # without bound; a client may ask for a shorter timeout than the default.
+    policy = QueuePolicy(timeout_action=TimeoutAction.REJECT,
+                         default_timeout_microseconds=int(options.queue_timeout_s * 1e6),
+                         allow_timeout_override=True, max_queue_size=options.max_queue)
     model_config = ModelConfig(batching=True, max_batch_size=max(1, options.max_batch),
                                batcher=DynamicBatcher(max_queue_delay_microseconds=int(options.max_queue_delay_ms
-                                                                                        * 1000) if batching else 0))
+                                                                                        * 1000) if batching else 0,
+                                                      default_queue_policy=policy))
+    stats_server = (start_stats_server(models[0].stats, options.host, options.stats_port)
+                    if options.stats_port else None)
     inputs, outputs = _interface()
     _stop_on_sigterm()
     with Triton(config=config) as triton:
@@ -298,3 +344,5 @@ def serve(options: ServeOptions) -> None:
         finally:
             for model in models:  # after Triton drained: the backends' device resources go with the server
                 model.backend.close()
+            if stats_server is not None:
+                stats_server.shutdown()

@@ -98,7 +98,8 @@ class TritonLocalizer:
             model_probability=np.ascontiguousarray(prob),
             model_uncertainty=None if unc is None else np.ascontiguousarray(unc),
             height=int(info["height"]), width=int(info["width"]),
-            score=float(response.as_numpy("score").reshape(-1)[0]), timings_ms=dict(info.get("timings_ms", {})))
+            score=float(response.as_numpy("score").reshape(-1)[0]), timings_ms=dict(info.get("timings_ms", {})),
+            members=int(info.get("members", 0)))
         return ServerResult(result, info)
 
     def close(self) -> None:

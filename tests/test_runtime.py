@@ -402,3 +402,16 @@ def test_localizer_closes_its_own_backend_and_leaves_a_shared_one(tiny_bundle):
     assert first._backend.lock is second._backend.lock  # one lock guards the shared buffers
     first.close()
     assert not shared.closed and second.localize(_rgb()).mask.shape == (48, 80)
+
+
+def test_images_of_different_seeds_in_one_batch_get_their_own_seeds_results(tiny_bundle):
+    images = [_rgb(seed=i) for i in range(3)]
+    seeds = [0, 7, 7]
+    together = Localizer.open(tiny_bundle, backend="ort-cpu", tta=True).localize_batch(images, seeds=seeds)
+    for image, seed, got in zip(images, seeds, together, strict=True):
+        alone = Localizer.open(tiny_bundle, backend="ort-cpu", tta=True, seed=seed).localize(image)
+        np.testing.assert_allclose(got.model_probability, alone.model_probability, atol=1e-5)
+    seed0 = Localizer.open(tiny_bundle, backend="ort-cpu", tta=True).localize(images[1])
+    assert not np.allclose(together[1].model_probability, seed0.model_probability)
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        Localizer.open(tiny_bundle, backend="ort-cpu").localize_batch(images, seeds=[1, 2])

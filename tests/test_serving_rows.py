@@ -1,0 +1,100 @@
+"""The serving model's batch logic without a server: what Triton hands the callable (a batch of requests, each with
+rows and parameters) and what it must answer. A bad row answers its error and never fails its neighbours; rows of
+different seeds and ensembles are answered as local runs with their settings."""
+
+import json
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+
+from diffiml.runtime.backends import open_backend
+from diffiml.runtime.bundle import load_bundle
+from diffiml.runtime.localizer import Localizer
+from diffiml.runtime.serving import MAX_ENSEMBLE, InstanceModel
+from diffiml.runtime.serving_stats import start_stats_server
+
+
+class Request:
+    """What PyTriton passes: inputs by name, request parameters, the outputs the client asked for."""
+
+    def __init__(self, images: list[bytes], parameters: dict | None = None, outputs: list[str] | None = None):
+        self.data = {"image": np.array([[x] for x in images], dtype=object)}
+        self.parameters = parameters or {}
+        self.requested_output_names = outputs
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+
+def _png(seed: int) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    return InstanceModel(bundle, open_backend(bundle, "ort-cpu"))
+
+
+def _local(tiny_bundle, data: bytes, **settings) -> np.ndarray:
+    return Localizer.open(tiny_bundle, backend="ort-cpu", **settings).localize(data).model_probability
+
+
+def test_one_bad_row_answers_its_error_and_the_others_share_a_batch_with_their_own_seeds(model, tiny_bundle):
+    from test_decode_fuzz import lying_headers
+
+    good = [_png(i) for i in range(3)]
+    requests = [Request([good[0]], {"seed": 1, "raw": True}),
+                Request([lying_headers()["bmp"], good[1]], {"seed": 2, "raw": True}),
+                Request([good[2]], {"seed": 3, "raw": True, "ensemble": 1}),
+                Request([good[0]], {"seed": "--5"}), Request([good[0]], {"steps": "²"}),
+                Request([good[0]], {"ensemble": MAX_ENSEMBLE + 1})]
+    before = model.stats.prometheus()
+    answers = model(requests)
+    assert len(answers) == len(requests) and [a["error"].shape[0] for a in answers] == [1, 2, 1, 1, 1, 1]
+    bad = answers[1]["error"][0, 0].decode()
+    assert "<bytes>" in bad and "pixels" in bad and np.isnan(answers[1]["score"][0, 0])
+    assert np.isnan(answers[1]["raw_probability"][0]).all()
+    for answer, row, data, settings in ((answers[0], 0, good[0], {"seed": 1}), (answers[1], 1, good[1], {"seed": 2}),
+                                        (answers[2], 0, good[2], {"seed": 3, "ensemble": 1})):
+        assert answer["error"][row, 0] == b""
+        np.testing.assert_allclose(answer["raw_probability"][row], _local(tiny_bundle, data, **settings), atol=1e-5)
+        info = json.loads(answer["info_json"][row, 0])
+        assert info["members"] == settings.get("ensemble", 2) and info["seed"] == settings["seed"]
+        assert info["bundle_sha256"]["unet"] == load_bundle(tiny_bundle).graph("unet").sha256
+    assert json.loads(answers[0]["info_json"][0, 0])["batch_images"] == 2  # seeds 1 and 2: one batch
+    assert "must be an integer" in answers[3]["error"][0, 0].decode()
+    assert "must be an integer" in answers[4]["error"][0, 0].decode()
+    assert f"[1, {MAX_ENSEMBLE}]" in answers[5]["error"][0, 0].decode()
+    after = model.stats.prometheus()
+    assert before != after and 'diffiml_row_failures_total{kind="decode"} 1' in after
+    assert 'diffiml_row_failures_total{kind="parameters"} 3' in after and 'outcome="ok"} 3' in after
+
+
+def test_only_the_requested_outputs_are_encoded(model):
+    (lean,) = model([Request([_png(0)], outputs=["score", "error"])])
+    (full,) = model([Request([_png(0)])])
+    assert lean["probability_png"][0, 0] == b"" and full["probability_png"][0, 0][:4] == b"\x89PNG"
+    assert lean["score"][0, 0] == full["score"][0, 0]
+
+
+def test_a_request_that_is_not_even_an_image_list_fails_alone(model):
+    class Broken(Request):
+        def __getitem__(self, key):
+            raise KeyError(key)
+
+    answers = model([Broken([]), Request([_png(1)])])
+    assert answers[0]["error"][0, 0] and answers[1]["error"][0, 0] == b""
+
+
+def test_the_stats_port_serves_the_counts_and_the_bundle(model):
+    server = start_stats_server(model.stats, "127.0.0.1", 0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics", timeout=10).read()
+    finally:
+        server.shutdown()
+    text = body.decode()
+    assert "diffiml_rows_total" in text and f'sha256="{model.bundle_sha256["unet"]}"' in text
