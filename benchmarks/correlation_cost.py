@@ -53,9 +53,10 @@ def bench_correlation(config_name: str = "mobile", sizes: tuple[int, ...] = (256
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t0) * 1e3)
         ms = {k: statistics.median(v) for k, v in times.items()}
-        grid = base.latent_size // 2  # the stage matches on the 1/16 grid
+        grid = base.latent_size // 2  # keys on the 1/16 grid, queries on the latent grid
         rows.append({
-            "config": config_name, "image_size": size, "grid": f"{grid}x{grid}", "positions": grid * grid,
+            "config": config_name, "image_size": size, "grid": f"{2 * grid}² queries x {grid}² keys",
+            "positions": grid * grid,
             "encoder_gmacs_without": round(sessions["without"][1], 4),
             "encoder_gmacs_with": round(sessions["with"][1], 4),
             "stage_gmacs": round(sessions["with"][1] - sessions["without"][1], 4),
@@ -68,7 +69,7 @@ def bench_correlation(config_name: str = "mobile", sizes: tuple[int, ...] = (256
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| input | matching grid (positions) | encoder GMACs without → with | stage GMACs | "
+    lines = ["| input | similarity matrix (keys) | encoder GMACs without → with | stage GMACs | "
              "encoder ms without | encoder ms with | stage ms | added latency |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['image_size']}² | {r['grid']} ({r['positions']}) | {r['encoder_gmacs_without']:.3f} → "

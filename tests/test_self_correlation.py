@@ -47,7 +47,22 @@ def test_a_position_never_matches_its_own_neighbourhood():
     stage = SelfCorrelation(6, topk=4, exclude=2)
     smooth = torch.linspace(0, 1, 36).reshape(1, 1, 6, 6).repeat(1, 4, 1, 1) + torch.randn(1, 4, 6, 6) * 1e-3
     sim = stage.similarity(smooth)[0]
-    assert (sim[near] == -2).all() and (sim[~near] >= -1.0001).all()
+    assert (sim[near] < -1.9).all() and (sim[~near] >= -1.0001).all()
+
+
+def test_fine_queries_exclude_the_coarse_cell_that_holds_them_and_its_neighbours():
+    near = neighbourhood(4, 1, query_grid=8)
+    assert near.shape == (64, 16)
+    assert near[0].reshape(4, 4)[:2, :2].all() and not near[0].reshape(4, 4)[2:, :].any()
+    assert near[18].reshape(4, 4)[:3, :3].all() and not near[18].reshape(4, 4)[3].any()  # (2,2) is in cell (1,1)
+    stage = SelfCorrelation(4, topk=2, exclude=1, query_grid=8)
+    torch.manual_seed(0)
+    keys = torch.randn(1, 6, 4, 4)
+    queries = torch.nn.functional.interpolate(keys, size=(8, 8), mode="nearest")
+    queries[:, :, 6:8, 6:8] = keys[:, :, 0:1, 0:1]  # the query cell (3,3) at 1/16 copies key cell (0,0)
+    best = stage.similarity(queries, keys)[0].argmax(dim=1).reshape(8, 8)
+    assert (best[6:8, 6:8] == 0).all()
+    assert stage(queries, keys).shape == (1, 32, 8, 8)
 
 
 def test_too_few_positions_for_top_k_is_refused():

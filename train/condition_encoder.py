@@ -5,9 +5,9 @@ latent grid (1/8 of the input), concatenates them in the order [c4, c3, c2, c1] 
 BatchNorm and ReLU (authors' code; paper Fig. 3).
 
 With ``self_correlation`` on (not in the paper), the stride-8 and stride-16 stages also feed a self-correlation
-stage on the 1/16 grid (``self_correlation.py``) whose features, upsampled to the latent grid, join the fusion
-through a zero-initialised 3x3 projection added before the fusion's BatchNorm: the same as concatenating them into
-the fusion conv with zero weights.
+stage (``self_correlation.py``: queries at the latent grid, keys at 1/16) whose features join the fusion through
+a zero-initialised 1x1 projection added before the fusion's BatchNorm: the same as concatenating them into the
+fusion conv with zero weights.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class ConditionEncoder(nn.Module):
         self.correlation: SelfCorrelation | None = None
         if config.self_correlation:
             self.correlation = SelfCorrelation(config.latent_size // 2, config.correlation_topk,
-                                               config.correlation_exclude, CORRELATION_CHANNELS)
-            self.correlation_proj = nn.Conv2d(CORRELATION_CHANNELS, c, kernel_size=3, padding=1, bias=False)
+                                               config.correlation_exclude, CORRELATION_CHANNELS,
+                                               query_grid=config.latent_size)
+            self.correlation_proj = nn.Conv2d(CORRELATION_CHANNELS, c, kernel_size=1, bias=False)
             nn.init.zeros_(self.correlation_proj.weight)
 
     def stages(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -93,9 +94,9 @@ class ConditionEncoder(nn.Module):
         ]
         fused = self.fuse[0](torch.cat(feats[::-1], dim=1))
         if self.correlation is not None:
-            # Matching on the 1/16 grid: the stride-16 stage beside the stride-8 stage pooled to it (see
-            # self_correlation.py for why); the match features come back up to the latent grid.
-            matches = self.correlation(torch.cat([F.avg_pool2d(stages[1], 2), stages[2]], dim=1))
-            matches = F.interpolate(matches, size=grid, mode="bilinear", align_corners=False)
-            fused = fused + self.correlation_proj(matches)
+            # Queries at the latent grid (1/8), keys at 1/16: see self_correlation.py for why.
+            queries = torch.cat([stages[1], F.interpolate(stages[2], size=grid, mode="bilinear",
+                                                          align_corners=False)], dim=1)
+            keys = torch.cat([F.avg_pool2d(stages[1], 2), stages[2]], dim=1)
+            fused = fused + self.correlation_proj(self.correlation(queries, keys))
         return self.fuse[2](self.fuse[1](fused))

@@ -28,6 +28,7 @@ PHOTO_MANIPULATIONS = ("splice", "copymove", "inpaint")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MAX_SIDE = 768  # photos are brought to at most this long side first, as a camera pipeline would
 MIN_AREA, MAX_AREA = 0.01, 0.3  # fraction of the image a manipulated region covers
+COPY_AREA = (0.002, 0.12)  # fraction of the image a copied region covers (log-uniform)
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,13 @@ def read_photo(photo: Photo) -> tuple[np.ndarray, np.ndarray | None]:
     return image, labels
 
 
-def blob_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """An organic random region: smoothed noise thresholded, its largest component; {0,1} uint8."""
+def blob_mask(rng: np.random.Generator, h: int, w: int, area: float | None = None) -> np.ndarray:
+    """An organic random region of about ``area`` of the image (default: random): smoothed noise thresholded, its
+    largest component; {0,1} uint8."""
     grid = rng.normal(size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)))).astype(np.float32)
     field = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
     field += rng.normal(0, 0.15, (h, w)).astype(np.float32) * (rng.random() < 0.3)
-    area = rng.uniform(MIN_AREA * 2, MAX_AREA * 0.8)
+    area = rng.uniform(MIN_AREA * 2, MAX_AREA * 0.8) if area is None else area
     region = (field > np.quantile(field, 1 - area)).astype(np.uint8)
     n, comp, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
     if n > 2:
@@ -92,16 +94,19 @@ def blob_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return region
 
 
-def object_mask(labels: np.ndarray | None, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """One human-segmented object of a reasonable size, or a random blob."""
+def object_mask(labels: np.ndarray | None, rng: np.random.Generator, h: int, w: int, area: float | None = None
+                ) -> np.ndarray:
+    """One human-segmented object of a reasonable size (within a factor 2 of ``area`` when given), or a random
+    blob."""
     if labels is not None and rng.random() < 0.85:
         ids, counts = np.unique(labels, return_counts=True)
         frac = counts / labels.size
-        good = ids[(frac >= MIN_AREA) & (frac <= MAX_AREA)]
+        lo, hi = (MIN_AREA, MAX_AREA) if area is None else (area / 2, area * 2)
+        good = ids[(frac >= lo) & (frac <= hi)]
         if good.size:
             region = (labels == rng.choice(good)).astype(np.uint8)
             return cv2.morphologyEx(region, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    return blob_mask(rng, h, w)
+    return blob_mask(rng, h, w, area)
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -171,7 +176,8 @@ def composite(host: np.ndarray, patch: np.ndarray, region: np.ndarray, y: int, x
 
 
 def _fit_and_place(host: np.ndarray, patch: np.ndarray, region: np.ndarray, rng: np.random.Generator,
-                   avoid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+                   avoid: np.ndarray | None = None, min_fraction: float = MIN_AREA * 0.5
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """Shrink a cut-out to fit the host if needed and paste it at a random place (away from ``avoid``)."""
     H, W = host.shape[:2]
     h, w = region.shape
@@ -181,7 +187,7 @@ def _fit_and_place(host: np.ndarray, patch: np.ndarray, region: np.ndarray, rng:
         patch = cv2.resize(patch, size, interpolation=cv2.INTER_AREA)
         region = cv2.resize(region, size, interpolation=cv2.INTER_NEAREST)
         h, w = region.shape
-    if region.sum() < MIN_AREA * H * W * 0.5:
+    if region.sum() < min_fraction * H * W:
         return None
     for _ in range(20):
         y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
@@ -219,7 +225,10 @@ def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Genera
     """An object (BSDS segment) or blob copied within the photo: translated, often rotated (±45°), scaled
     (0.7-1.4), flipped, retouched; pasted once, or two or three times as real copy-moves often are. The mask marks
     the pasted copies, and the source too when ``mark_source`` (NoSo's convention; CASIA marks the copy only)."""
-    region = object_mask(labels, rng, *host.shape[:2])
+    # Real copy-moves are small (NoSo, CASIA: most copies cover 0.2-5 % of the image): the copied region's area
+    # is log-uniform over 0.2-12 %.
+    area = float(np.exp(rng.uniform(np.log(COPY_AREA[0]), np.log(COPY_AREA[1]))))
+    region = object_mask(labels, rng, *host.shape[:2], area=area)
     if region.sum() == 0:
         return None
     y0, y1, x0, x1 = _bbox(region)
@@ -232,7 +241,7 @@ def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Genera
             patch = brightness_shift(patch, rng)
         if rng.random() < 0.3:
             patch = local_processing(patch, rng)
-        placed = _fit_and_place(image, patch, cut, rng, avoid=avoid)
+        placed = _fit_and_place(image, patch, cut, rng, avoid=avoid, min_fraction=COPY_AREA[0] * 0.5)
         if placed is None:
             break
         image, pasted = placed
