@@ -133,10 +133,7 @@ def _output_folder(name: str) -> Path:
 
 
 def localize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from diffiml.runtime.image_io import load_image
-    from diffiml.runtime.outputs import write_outputs
 
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -159,19 +156,39 @@ def localize(args: argparse.Namespace) -> int:
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
                                    adaptive=adaptive_policy(args), precision=args.precision)
     out = _output_folder(args.out)
+
+    def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
+        decoded = load_image(path, localizer.bundle.image_size)
+        return localizer.localize(decoded), decoded.rgb, localizer.backend
+
+    try:
+        return _localize_each(paths, one, out, args.truth)
+    finally:
+        close = getattr(localizer, "close", None)
+        if callable(close):
+            close()
+
+
+def _localize_each(paths: list[Path], one, out: Path, truth: str | None) -> int:  # noqa: ANN001
+    """The loop of ``localize``, local or on a server: ``one(path)`` gives (result, image for the overlay, backend
+    label). Each image's files and JSON line, or one line naming it when it fails; the others go on."""
+    from tqdm import tqdm
+
+    from diffiml.runtime.outputs import write_outputs
+
     failures = 0
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
             t0 = time.perf_counter()
-            decoded = load_image(path, localizer.bundle.image_size)
-            result = localizer.localize(decoded)
-            files = write_outputs(result, decoded.rgb, out, path.stem)
+            result, rgb, backend = one(path)
+            files = write_outputs(result, rgb, out, path.stem)
         except (DiffimlError, ValueError, OSError) as exc:
             failures += 1
-            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            text = str(exc).replace("<bytes>", str(path))
+            message = text if str(path) in text else f"{path}: {text}"
             tqdm.write(f"diffiml localize: {message}", file=sys.stderr)  # on its own line, not after the bar
             continue
-        _print_record(path, result, localizer.backend, t0, files, args.truth if len(paths) == 1 else None)
+        _print_record(path, result, backend, t0, files, truth if len(paths) == 1 else None)
     if failures:
         print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)
     return 1 if failures else 0
@@ -179,10 +196,7 @@ def localize(args: argparse.Namespace) -> int:
 
 def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     """``localize --server``: the same files and JSON lines as a local run, computed by a ``diffiml serve``."""
-    from tqdm import tqdm
-
     from diffiml.runtime.image_io import load_image, read_image_file
-    from diffiml.runtime.outputs import write_outputs
     from diffiml.runtime.triton_client import TritonLocalizer
 
     if args.ensemble is not None and not str(args.ensemble).isdigit():
@@ -193,22 +207,13 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     if not client.is_ready():
         raise DiffimlError(f"{args.server}: no ready diffiml model there (is `diffiml serve` running?)")
     out = _output_folder(args.out)
-    failures = 0
-    for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
-        try:
-            t0 = time.perf_counter()
-            answer = client.localize_bytes(read_image_file(path))
-            result = answer.result
-            decoded = load_image(path, result.model_probability.shape[0])  # for the overlay only
-            files = write_outputs(result, decoded.rgb, out, path.stem)
-        except (DiffimlError, ValueError, OSError) as exc:
-            failures += 1
-            message = str(exc).replace("<bytes>", str(path)) if "<bytes>" in str(exc) else f"{path}: {exc}"
-            tqdm.write(f"diffiml localize: {message}", file=sys.stderr)
-            continue
-        backend = f"{answer.info.get('backend', '?')}@{args.server}"
-        _print_record(path, result, backend, t0, files, args.truth if len(paths) == 1 else None)
-    client.close()
-    if failures:
-        print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)
-    return 1 if failures else 0
+
+    def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
+        answer = client.localize_bytes(read_image_file(path))
+        decoded = load_image(path, answer.result.model_probability.shape[0])  # for the overlay only
+        return answer.result, decoded.rgb, f"{answer.info.get('backend', '?')}@{args.server}"
+
+    try:
+        return _localize_each(paths, one, out, args.truth)
+    finally:
+        client.close()
