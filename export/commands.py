@@ -26,7 +26,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (needs TensorRT and a GPU)")
     p.add_argument("bundle")
-    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="build from the bundle's graphs of this precision (strongly typed)")
     p.add_argument("--max-batch", type=int, default=1, help="images per batch the engines must accept")
     p.add_argument("--ensemble", type=int, default=None, help="largest ensemble size (default: the bundle's)")
     p.set_defaults(handler=build_engines)

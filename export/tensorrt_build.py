@@ -1,9 +1,13 @@
 """``diffiml build-engines``: one TensorRT engine per bundle graph, with the TensorRT 10 Python API.
 
-ONNX parser; one optimization profile over the batch dimensions (images 1..max_batch, members up to
-max_batch x ensemble, including flip TTA); one precision value (fp32, fp16, bf16); a persistent timing cache in
-the bundle; each engine recorded in the manifest with the GPU's compute capability and the TensorRT version it is
-bound to (and both in its file name). LayerNorm, Softmax and the decoder's tail are pinned to fp32 (DEPLOY.md).
+ONNX parser into a *strongly typed* network: every tensor keeps the type the graph gives it, so precision is the
+bundle's graphs' (fp32 engines from the fp32 graphs, fp16 engines from the bundle's fp16 graphs, whose
+normalizations, softmax, sigmoid and DDIM update the exporter kept in fp32: ``export/half.py``, DEPLOY.md).
+TensorRT's weakly typed builds with precision flags are deprecated and go in TensorRT 11. One optimization profile
+over the batch dimensions (images 1..max_batch, members up to max_batch x ensemble, including flip TTA); a timing
+cache in the bundle per GPU kind and TensorRT version (one file each: caches of another GPU are not shared or
+overwritten); each engine recorded in the manifest with the GPU's compute capability and the TensorRT version it is
+bound to (and both in its file name).
 
 Checked statically with mypy + tensorrt-stubs; TensorRT cannot be installed on this project's machines.
 """
@@ -22,12 +26,12 @@ from diffiml.runtime.backends.tensorrt_backend import device_identity, unavailab
 from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle, sha256_of
 
 log = logging.getLogger(__name__)
-TIMING_CACHE = "timing.cache"
+ENGINE_PRECISIONS = ("fp32", "fp16")  # the precisions a bundle carries graphs for, that TensorRT builds from
 
 
-def fp32_layer_types() -> tuple[trt.LayerType, ...]:
-    """Layers pinned to fp32 (a function: with tensorrt-stubs alone, ``tensorrt`` is an empty namespace package)."""
-    return (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
+def timing_cache_name(identity: dict[str, str]) -> str:
+    """One timing cache per GPU kind and TensorRT version: a cache of another GPU would be refused or overwritten."""
+    return f"timing.sm{identity['compute_capability'].replace('.', '')}.trt{identity['tensorrt_version']}.cache"
 
 
 def batch_profile(graph: dict[str, Any], max_images: int, max_members: int) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -42,28 +46,20 @@ def batch_profile(graph: dict[str, Any], max_images: int, max_members: int) -> d
     return profile
 
 
-def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], precision: str,
-                 cache_path: Path) -> bytes:
+def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]], cache_path: Path) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 4 << 30)
-    if precision in ("fp16", "bf16"):
-        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in fp32_layer_types():
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError(f"{cache_path}: TensorRT refused this timing cache (another GPU or TensorRT wrote it); "
+                           "delete it to start a new one")
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
         opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
@@ -78,8 +74,14 @@ def build_engine(onnx_path: Path, profile: dict[str, tuple[tuple[int, ...], ...]
 def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
                          ensemble: int | None = None) -> list[dict[str, Any]]:
     bundle = load_bundle(bundle_dir)
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"build-engines: precision {precision!r}: TensorRT builds from the bundle's own graphs "
+                         f"(strongly typed), and bundles carry {ENGINE_PRECISIONS} graphs")
+    if precision not in bundle.precisions:
+        raise ValueError(f"{bundle_dir}: no {precision} graphs to build from; export with "
+                         f"`diffiml export --precision fp32,{precision} --attention standard`")
     for name in GRAPH_NAMES:
-        if foreign := bundle.graph(name).nonstandard_domains:
+        if foreign := bundle.graph(name, precision).nonstandard_domains:
             raise ValueError(f"{bundle_dir}: the {name} graph uses onnxruntime-only operators ({', '.join(foreign)}), "
                              "which TensorRT's parser cannot read; export the bundle with "
                              "`diffiml export --attention standard` for TensorRT")
@@ -91,9 +93,9 @@ def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
     cc = identity["compute_capability"].replace(".", "")
     entries = []
     for name in GRAPH_NAMES:
-        graph = bundle.graph(name)
+        graph = bundle.graph(name, precision)  # a precision's graphs have the fp32 graphs' inputs (fp32 I/O)
         data = build_engine(graph.path, batch_profile(bundle.manifest["graphs"][name], max_batch, members),
-                            precision, bundle.root / TIMING_CACHE)
+                            bundle.root / timing_cache_name(identity))
         file = f"{name}.{precision}.sm{cc}.trt{identity['tensorrt_version']}.engine"
         write_bytes_atomic(bundle.root / file, data)
         entries.append({"graph": name, "file": file, "sha256": sha256_of(bundle.root / file), "precision": precision,

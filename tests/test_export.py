@@ -146,8 +146,12 @@ def test_fused_attention_for_onnxruntime_standard_ops_for_tensorrt(tiny_run, tin
     feeds = {k: v.numpy() for k, v in spec.sample_inputs({"images": 2, "members": 6}).items()}
     out = [ort.InferenceSession(str(b.graph("unet").path)).run(None, feeds)[0] for b in (fused, standard)]
     np.testing.assert_allclose(out[0], out[1], atol=1e-5)
-    with pytest.raises(ValueError, match="--attention standard"):
-        build_bundle_engines(tiny_bundle, "fp16", 1)
+    with pytest.raises(ValueError, match="onnxruntime-only operators"):
+        build_bundle_engines(tiny_bundle, "fp32", 1)
+    with pytest.raises(ValueError, match="no fp16 graphs to build from"):  # strongly typed: from the fp16 graphs
+        build_bundle_engines(tmp_path / "standard", "fp16", 1)
+    with pytest.raises(ValueError, match="bf16"):
+        build_bundle_engines(tmp_path / "standard", "bf16", 1)
 
 
 def test_baseline_checkpoints_do_not_export(tmp_path):

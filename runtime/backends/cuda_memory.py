@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import Any
 
 import numpy as np
@@ -29,14 +30,26 @@ def check(result: Any) -> Any:
     return values[0] if len(values) == 1 else (tuple(values) if values else None)
 
 
+def _free_pair(device: int, host: int) -> None:
+    rt = cudart()
+    rt.cudaFree(device)
+    rt.cudaFreeHost(host)
+
+
 class DeviceBuffer:
-    """Device memory of one array shape, with a pinned host mirror for async copies."""
+    """Device memory of one array shape, with a pinned host mirror for async copies. Freed by ``free()`` or, failing
+    that, when the buffer is collected (a finalizer), never twice. Device allocations are 256-byte aligned."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.nbytes = max(1, int(np.prod(shape)) * self.dtype.itemsize)
         self.device = int(check(cudart().cudaMalloc(self.nbytes)))
-        self._host_ptr = int(check(cudart().cudaMallocHost(self.nbytes)))
+        try:
+            self._host_ptr = int(check(cudart().cudaMallocHost(self.nbytes)))
+        except RuntimeError:
+            cudart().cudaFree(self.device)
+            raise
+        self._finalizer = weakref.finalize(self, _free_pair, self.device, self._host_ptr)
         raw = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self._host_ptr))
         self.host = raw.view(self.dtype)[: int(np.prod(shape))].reshape(shape)
 
@@ -53,8 +66,6 @@ class DeviceBuffer:
         return self.host
 
     def free(self) -> None:
-        rt = cudart()
-        if self.device:
-            rt.cudaFree(self.device)
-            rt.cudaFreeHost(self._host_ptr)
-            self.device = 0
+        if self._finalizer.alive:
+            self._finalizer()
+        self.device = 0

@@ -66,6 +66,12 @@ def cuda_available() -> bool:
         return False
 
 
+# fp32 on CUDA means fp32: the CUDA provider's ``use_tf32`` defaults on, which rounds matmul/conv inputs to TF32
+# (10-bit mantissa) on Ampere and later and can miss the 1e-3 parity gate against the CPU. Reduced precision is
+# the bundle's fp16 graphs, asked for by name.
+CUDA_OPTIONS = {"device_id": "0", "use_tf32": "0"}
+
+
 def session_options(threads: int | None = None):  # noqa: ANN201
     ort = ort_module()
     opts = ort.SessionOptions()
@@ -94,7 +100,7 @@ class OrtEngine:
             if not cuda_available():
                 raise BackendUnavailableError("ort-cuda: onnxruntime cannot run on a CUDA device here "
                                               "(install onnxruntime-gpu and a CUDA driver)")
-            self.providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+            self.providers = [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
         self.output_dtypes = {t["name"]: _NP[t["dtype"]] for t in graph.outputs}
         self._outputs: dict[str, np.ndarray] = {}
         self._shape_key: tuple | None = None
@@ -136,7 +142,7 @@ class OrtEngine:
         return self._outputs
 
 
-MAX_CAPTURED_SHAPES = 8  # batch shapes whose CUDA graphs a step loop keeps before starting a fresh session
+MAX_CAPTURED_SHAPES = 8  # batch shapes whose CUDA graphs (or, without graphs, device buffers) a step loop keeps
 
 
 @dataclass
@@ -162,7 +168,7 @@ class OrtCudaStepLoop:
     def __init__(self, engine: OrtEngine) -> None:
         self.engine = engine
         self.stream = None
-        options: dict[str, str] = {"device_id": "0", "enable_cuda_graph": "1"}
+        options: dict[str, str] = {**CUDA_OPTIONS, "enable_cuda_graph": "1"}
         try:
             from diffiml.runtime.backends.cuda_memory import check, cudart
 
@@ -194,12 +200,16 @@ class OrtCudaStepLoop:
         key = (latents.shape, cond.shape, tables.tobytes())
         plan = self._plans.get(key)
         if plan is not None:
+            self._plans[key] = self._plans.pop(key)  # most recently used last
             return plan
-        if self.graphs and len(self._plans) >= MAX_CAPTURED_SHAPES:
-            # Captured graphs cannot be released one by one: past the bound, a fresh session drops them all.
-            self.session = self._graph_session()
-            self._plans.clear()
-            self._next_graph_id = 1
+        if len(self._plans) >= MAX_CAPTURED_SHAPES:
+            if self.graphs:
+                # Captured graphs cannot be released one by one: past the bound, a fresh session drops them all.
+                self.session = self._graph_session()
+                self._plans.clear()
+                self._next_graph_id = 1
+            else:  # without graphs a plan is only buffers and bindings: drop the least recently used
+                self._plans.pop(next(iter(self._plans)))
         device = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32), "cuda", 0)  # noqa: E731
         pair = [device(latents), device(np.empty_like(latents))]
         cond_value = device(cond)
@@ -222,6 +232,19 @@ class OrtCudaStepLoop:
                  coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         args = (latents, cond_features, timesteps, coef_x0, coef_xt, sqrt_alpha)
         return self._thread.submit(self._run_once_or_without_graphs, *args).result()
+
+    def close(self) -> None:
+        """Stop the loop's thread, drop its sessions' graphs and buffers, and destroy its CUDA stream (last: the
+        sessions ran on it)."""
+        self._thread.shutdown(wait=True)
+        self._plans.clear()
+        self.session = None
+        if self.stream is not None:
+            from diffiml.runtime.backends.cuda_memory import cudart
+
+            cudart().cudaStreamSynchronize(self.stream)
+            cudart().cudaStreamDestroy(self.stream)
+            self.stream = None
 
     def _run_once_or_without_graphs(self, *args: np.ndarray) -> np.ndarray:
         try:

@@ -9,6 +9,8 @@ installed on this project's machines, so this module has not run; see README, "W
 from __future__ import annotations
 
 import platform
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -195,76 +197,104 @@ class TrtEngine:
         return out
 
 
+SCALAR_SLOT = 256  # bytes between per-step scalars on the device: TensorRT wants 256-byte aligned tensor addresses
+MAX_CAPTURED_SHAPES = 8  # captured step-loop graphs kept (least recently used go first)
+
+
+@dataclass
+class _Captured:
+    """One captured K-step loop: its graph and the device buffers only it uses (the schedule, the pong latents)."""
+
+    graph_exec: Any
+    table: DeviceBuffer
+    pong: DeviceBuffer
+
+    def release(self) -> None:
+        cudart().cudaGraphExecDestroy(self.graph_exec)
+        self.table.free()
+        self.pong.free()
+
+
 class TrtStepLoop:
     """All K UNet steps as one CUDA graph: latents ping-pong between two device buffers, and every per-step input
-    (timestep and coefficients) is precomputed on the device; the loop does no host math and no sync."""
+    (timestep and coefficients) is precomputed on the device, each in its own 256-byte slot; the loop does no host
+    math and no sync. One graph per (batch shape, schedule) is kept, so a server alternating batch sizes replays
+    instead of capturing again (the UNet engine keeps each shape's buffers, whose addresses the graph holds)."""
 
     def __init__(self, unet: TrtEngine) -> None:
         self.unet = unet
-        self.graph_exec: Any = None
-        self.key: tuple | None = None
-        self.table: DeviceBuffer | None = None
-        self.pong: DeviceBuffer | None = None
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
-    def _prepare(self, latents: np.ndarray, cond: np.ndarray, timesteps: np.ndarray, c0: np.ndarray,
-                 ct: np.ndarray, sa: np.ndarray) -> None:
-        rt, stream = cudart(), self.unet.ctx.stream
+    def _prepare(self, latents: np.ndarray, cond: np.ndarray, tables: np.ndarray) -> _Captured:
         shapes = {"latents": latents.shape, "cond_features": cond.shape, "timestep": (1,), "coef_x0": (1,),
                   "coef_xt": (1,), "sqrt_alpha": (1,)}
-        changed = self.unet.bind(shapes)
-        key = (latents.shape, cond.shape, len(timesteps))
-        if not changed and key == self.key and self.graph_exec is not None:
-            return
-        self._release()  # a graph holds raw addresses: drop it (and the buffers it used) when buffers move
-        self.table = DeviceBuffer((4, len(timesteps)), np.dtype(np.float32))
-        self.table.upload(np.stack([timesteps, c0, ct, sa]).astype(np.float32), stream)
-        self.pong = DeviceBuffer(latents.shape, np.dtype(np.float32))
-        self.key = key
-        self._enqueue_loop(len(timesteps))  # warm-up run outside capture: TensorRT's first launch may allocate
-        check(rt.cudaStreamSynchronize(stream))
-        check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-        self._enqueue_loop(len(timesteps))
-        graph = check(rt.cudaStreamEndCapture(stream))
-        self.graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
-        rt.cudaGraphDestroy(graph)
+        self.unet.bind(shapes)  # this shape's kept buffers (allocated on first use)
+        key = (latents.shape, cond.shape, tables.tobytes())
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        if len(self._graphs) >= MAX_CAPTURED_SHAPES:
+            self._graphs.popitem(last=False)[1].release()
+        captured = self._capture(latents.shape, tables)
+        self._graphs[key] = captured
+        return captured
 
-    def _release(self) -> None:
-        if self.graph_exec is not None:
-            cudart().cudaGraphExecDestroy(self.graph_exec)
-            self.graph_exec = None
-        for buf in (self.table, self.pong):
-            if buf is not None:
-                buf.free()
-        self.table = self.pong = None
+    def _capture(self, shape: tuple[int, ...], tables: np.ndarray) -> _Captured:
+        rt, stream = cudart(), self.unet.ctx.stream
+        k = tables.shape[1]
+        slot = SCALAR_SLOT // 4
+        host = np.zeros((4 * k, slot), np.float32)
+        host[:, 0] = tables.reshape(-1)  # row r * k + i holds scalar r of step i
+        table = DeviceBuffer(host.shape, np.dtype(np.float32))
+        pong = DeviceBuffer(shape, np.dtype(np.float32))
+        try:
+            table.upload(host, stream)
+            self._enqueue_loop(k, table, pong)  # warm-up run outside capture: TensorRT's first launch may allocate
+            check(rt.cudaStreamSynchronize(stream))
+            check(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+            graph = None
+            try:
+                self._enqueue_loop(k, table, pong)
+            finally:  # never leave the stream capturing, whatever failed inside
+                graph = check(rt.cudaStreamEndCapture(stream))
+            try:
+                graph_exec = check(rt.cudaGraphInstantiate(graph, 0))
+            finally:
+                rt.cudaGraphDestroy(graph)
+        except BaseException:
+            table.free()
+            pong.free()
+            raise
+        return _Captured(graph_exec, table, pong)
 
     def close(self) -> None:
-        """Free the captured graph and the loop's buffers, then every engine's buffers and the shared context."""
-        self._release()
+        """Free the captured graphs and their buffers, then every engine's buffers and the shared context."""
+        while self._graphs:
+            self._graphs.popitem()[1].release()
         self.unet.ctx.close()
 
-    def _enqueue_loop(self, k: int) -> None:
-        ctx, bufs = self.unet.context, self.unet.buffers
-        assert self.table is not None and self.pong is not None
-        ping, pong = bufs["latents"].device, self.pong.device
+    def _enqueue_loop(self, k: int, table: DeviceBuffer, pong_buffer: DeviceBuffer) -> None:
+        ctx = self.unet.context
+        ping, pong = self.unet.buffers["latents"].device, pong_buffer.device
         for i in range(k):
             src, dst = (ping, pong) if i % 2 == 0 else (pong, ping)
-            ctx.set_tensor_address("latents", src)
-            ctx.set_tensor_address("next_latents", dst)
-            ctx.set_tensor_address("timestep", self.table.device + 4 * i)
-            ctx.set_tensor_address("coef_x0", self.table.device + 4 * (k + i))
-            ctx.set_tensor_address("coef_xt", self.table.device + 4 * (2 * k + i))
-            ctx.set_tensor_address("sqrt_alpha", self.table.device + 4 * (3 * k + i))
+            addresses = {"latents": src, "next_latents": dst}
+            for r, name in enumerate(("timestep", "coef_x0", "coef_xt", "sqrt_alpha")):
+                addresses[name] = table.device + SCALAR_SLOT * (r * k + i)
+            for name, address in addresses.items():
+                if not ctx.set_tensor_address(name, address):
+                    raise RuntimeError(f"TensorRT: the UNet step refused the address of {name} at step {i}")
             self.unet.enqueue()
 
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
                  coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         stream = self.unet.ctx.stream
-        self._prepare(latents, cond_features, timesteps, coef_x0, coef_xt, sqrt_alpha)
+        tables = np.stack([timesteps, coef_x0, coef_xt, sqrt_alpha]).astype(np.float32)
+        captured = self._prepare(latents, cond_features, tables)
         self.unet.buffers["latents"].upload(latents, stream)
         self.unet.buffers["cond_features"].upload(cond_features, stream)
-        check(cudart().cudaGraphLaunch(self.graph_exec, stream))
-        final = self.unet.buffers["latents"] if len(timesteps) % 2 == 0 else self.pong
-        assert final is not None
+        check(cudart().cudaGraphLaunch(captured.graph_exec, stream))
+        final = self.unet.buffers["latents"] if len(timesteps) % 2 == 0 else captured.pong
         out = final.download(stream)
         self.unet.ctx.synchronize()
         return np.array(out, copy=True)
