@@ -29,3 +29,15 @@ def test_gpu_script_dry_run_writes_every_result(tmp_path):
         for key in (("torch-authors", "fp32"), ("ort-cpu", "fp32"), ("ort-cpu", "fp16")):
             assert by[key]["fps"], key
         assert all(r.get("skipped") or r["fps"] for r in rows)  # every row measured or says why not
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_named_steps_and_goes_on_past_a_failed_one(tmp_path):
+    """One device call per step: a step that fails is logged, the next still runs, the exit status counts them."""
+    env = {**os.environ, "PYTHON": sys.executable, "DIFFIML_GPU_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu" / "run.sh"), "--dry-run", str(tmp_path / "out"),
+                          "no-such-step", "setup"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "step no-such-step FAILED" in log and "2 step(s), 1 failed" in log
+    assert (tmp_path / "out" / "environment.json").is_file() and (tmp_path / "out" / "export_mobile.json").is_file()

@@ -3,15 +3,20 @@
 # CUDA, no package registry, onnxruntime there CPU-only. It installs nothing from the network: onnxruntime-gpu comes
 # from the wheel parts that benchmarks/gpu/prepare_wheel.sh makes here and that travel in .gpu-cache/.
 #
-#   bash benchmarks/gpu/run.sh OUT_DIR              # on the GPU machine, from the repository root
-#   bash benchmarks/gpu/run.sh --dry-run OUT_DIR    # anywhere: the same steps, small, ort-cpu standing in for ort-cuda
+#   bash benchmarks/gpu/run.sh OUT_DIR [STEP...]            # on the GPU machine, from the repository root
+#   bash benchmarks/gpu/run.sh --dry-run OUT_DIR [STEP...]  # anywhere: the same steps, small, ort-cpu for ort-cuda
 #
-# Writes into OUT_DIR: environment.json, export_mobile.json, check_mobile.json (ort-cuda vs ort-cpu, fp32 and fp16),
-# table4_* folders (paper config with random weights, and the shipped model; batch 1 and a throughput batch), run.log.
-set -euo pipefail
+# STEPs (default: all, in this order), each sized to fit one 10-minute device call, so a session can run them one call
+# at a time and get back what each measured: `setup` (environment.json, export_mobile.json), `check`
+# (check_mobile.json: ort-cuda vs ort-cpu, fp32 and fp16), and `table4:CONFIG:BATCH` for CONFIG in paper (random
+# weights) / mobile (the shipped model) and BATCH 1 / 8 (table4_CONFIG_bBATCH folders). A step that fails is logged
+# in run.log and the next step still runs; the exit status is the number of failed steps. Later steps reuse the
+# bundle `setup` exported into the cache folder.
+set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-OUT=${1:?usage: benchmarks/gpu/run.sh [--dry-run] OUT_DIR}
+OUT=${1:?usage: benchmarks/gpu/run.sh [--dry-run] OUT_DIR [STEP...]}
+shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -49,24 +54,40 @@ else
   BACKENDS=torch,torch-authors,torch-fp16,torch-bf16,torch-cudagraph,torch-compile,ort-cuda,tensorrt
 fi
 
-log "environment"
-"$PY" -c "import json; from diffiml.benchmarks.gpu_check import environment; print(json.dumps(environment(), indent=2))" \
-  > "$OUT/environment.json"
+if [ "$#" -gt 0 ]; then STEPS=("$@"); else
+  STEPS=(setup check)
+  for batch in $BATCHES; do STEPS+=("table4:$CONFIG:$batch" "table4:mobile:$batch"); done
+fi
 
-log "export the shipped model, fp32 + fp16 graphs"
-diffiml export models/default --out "$CACHE/bundles/mobile" --precision fp32,fp16 > "$OUT/export_mobile.json"
+step_setup() {
+  "$PY" -c "import json; from diffiml.benchmarks.gpu_check import environment; print(json.dumps(environment(), indent=2))" \
+    > "$OUT/environment.json" &&
+  diffiml export models/default --out "$CACHE/bundles/mobile" --precision fp32,fp16 > "$OUT/export_mobile.json"
+}
 
-log "$DEVICE against ort-cpu fp32 on the same inputs"
-diffiml bench gpu-check --bundle "$CACHE/bundles/mobile" --backend "$DEVICE" --out "$OUT/check_mobile.json" \
-  || log "check FAILED: see check_mobile.json"
+step_check() {
+  diffiml bench gpu-check --bundle "$CACHE/bundles/mobile" --backend "$DEVICE" --out "$OUT/check_mobile.json"
+}
 
-for batch in $BATCHES; do
-  log "table 4: $CONFIG config (random weights), batch $batch"
-  diffiml bench table4 --config "$CONFIG" --backends "$BACKENDS" --precisions fp32,fp16 --ensemble "$ENSEMBLES" \
-    --batch "$batch" --runs "$RUNS" --warmup "$WARMUP" --out "$OUT/table4_${CONFIG}_b${batch}" > /dev/null
-  log "table 4: the shipped model, batch $batch"
-  diffiml bench table4 --config mobile --bundle "$CACHE/bundles/mobile" --backends "$BACKENDS" \
-    --precisions fp32,fp16 --ensemble "$ENSEMBLES" --batch "$batch" --runs "$RUNS" --warmup "$WARMUP" \
-    --out "$OUT/table4_mobile_b${batch}" > /dev/null
+step_table4() {  # CONFIG BATCH
+  local config=$1 batch=$2 bundle=()
+  [ "$config" = mobile ] && bundle=(--bundle "$CACHE/bundles/mobile")
+  diffiml bench table4 --config "$config" "${bundle[@]}" --backends "$BACKENDS" --precisions fp32,fp16 \
+    --ensemble "$ENSEMBLES" --batch "$batch" --runs "$RUNS" --warmup "$WARMUP" --out "$OUT/table4_${config}_b${batch}" \
+    > /dev/null
+}
+
+failed=0
+for step in "${STEPS[@]}"; do
+  log "step $step"
+  case "$step" in
+    setup) step_setup ;;
+    check) step_check ;;
+    table4:*:*) IFS=: read -r _ config batch <<< "$step"; step_table4 "$config" "$batch" ;;
+    *) log "unknown step $step"; false ;;
+  esac
+  status=$?
+  if [ "$status" != 0 ]; then failed=$((failed + 1)); log "step $step FAILED (exit $status)"; fi
 done
-log "done"
+log "done: ${#STEPS[@]} step(s), $failed failed"
+exit "$failed"
