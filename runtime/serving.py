@@ -34,6 +34,7 @@ import numpy as np
 
 from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend
+from diffiml.runtime.backends.cuda_memory import device_count
 from diffiml.runtime.bundle import Bundle, load_bundle
 from diffiml.runtime.errors import DiffimlError
 from diffiml.runtime.image_io import DecodedImage, load_image
@@ -264,8 +265,12 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     # threads sleep instead of spinning between operators (measured: benchmarks/RESULTS.md, serving).
     os.environ.setdefault("DIFFIML_ORT_SPINNING", "0")
     stats = ServeStats({name: bundle.graph(name).sha256 for name in ("condition_encoder", "unet", "mask_decoder")})
-    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision), stats)
-              for _ in range(options.instances)]
+    # Instances go round-robin over the GPUs this process sees (one GPU, or none: all on device 0 / the CPU).
+    gpus = max(1, device_count()) if options.backend != "ort-cpu" else 1
+    models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision, i % gpus),
+                            stats) for i in range(options.instances)]
+    if gpus > 1:
+        log.info("%d instances over %d GPUs", options.instances, gpus)
     for model in models:
         _warm_up(model)
     stats.reset()

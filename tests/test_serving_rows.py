@@ -98,3 +98,19 @@ def test_the_stats_port_serves_the_counts_and_the_bundle(model):
         server.shutdown()
     text = body.decode()
     assert "diffiml_rows_total" in text and f'sha256="{model.bundle_sha256["unet"]}"' in text
+
+
+def test_instances_go_round_robin_over_the_gpus(tiny_bundle, monkeypatch):
+    from diffiml.runtime import serving
+
+    seen = []
+
+    def recording(bundle, kind, threads, precision, device_id=0):
+        seen.append(device_id)
+        return open_backend(bundle, "ort-cpu", threads, precision)  # stands in for a CUDA backend on that GPU
+
+    monkeypatch.setattr(serving, "device_count", lambda: 2)
+    monkeypatch.setattr(serving, "open_backend", recording)
+    models = serving.open_instances(serving.ServeOptions(bundle=tiny_bundle, instances=3))
+    assert seen == [0, 1, 0] and models[0].stats is models[2].stats
+    assert 'outcome="ok"} 0' in models[0].stats.prometheus()  # the warm-up requests are not counted

@@ -18,19 +18,19 @@ BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
 AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
 
 
-def open_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None, precision: str = "fp32"
-                 ) -> Backend:
-    """The backend ``kind`` for ``bundle``'s graphs at ``precision``; BackendUnavailableError (or BundleError) when
-    it cannot serve them."""
+def open_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None, precision: str = "fp32",
+                 device_id: int = 0) -> Backend:
+    """The backend ``kind`` for ``bundle``'s graphs at ``precision`` (on GPU ``device_id`` for the CUDA backends);
+    BackendUnavailableError (or BundleError) when it cannot serve them."""
     if kind not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
     bundle.graph(GRAPH_NAMES[0], precision)  # BundleError now if the bundle lacks that precision
     if kind != "auto":
-        return _open(bundle, kind, threads, precision)
+        return _open(bundle, kind, threads, precision, device_id)
     skipped: dict[str, str] = {}
     for name in AUTO_ORDER:
         try:
-            backend = _open(bundle, name, threads, precision)
+            backend = _open(bundle, name, threads, precision, device_id)
         except (BackendUnavailableError, BundleError) as exc:
             skipped[name] = str(exc)
             continue
@@ -41,7 +41,7 @@ def open_backend(bundle: Bundle, kind: str = "auto", threads: int | None = None,
     raise BackendUnavailableError(f"no backend can run this bundle: {'; '.join(skipped.values())}")
 
 
-def _open(bundle: Bundle, name: str, threads: int | None, precision: str) -> Backend:
+def _open(bundle: Bundle, name: str, threads: int | None, precision: str, device_id: int = 0) -> Backend:
     if name == "tensorrt":
         if precision != "fp32":
             raise BackendUnavailableError(f"tensorrt: engines get their precision from build-engines; the {precision} "
@@ -51,7 +51,7 @@ def _open(bundle: Bundle, name: str, threads: int | None, precision: str) -> Bac
         reason = tensorrt_backend.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(f"tensorrt: {reason}")
-        engines, loop = tensorrt_backend.open_engines(bundle)
+        engines, loop = tensorrt_backend.open_engines(bundle, device_id)
         return Backend(name, dict(engines), loop)
     from diffiml.runtime.backends.ort_backend import OrtCudaStepLoop, OrtEngine, cuda_available
 
@@ -59,6 +59,6 @@ def _open(bundle: Bundle, name: str, threads: int | None, precision: str) -> Bac
     if device == "cuda" and not cuda_available():
         raise BackendUnavailableError("ort-cuda: onnxruntime cannot run on a CUDA device here (it needs "
                                       "onnxruntime-gpu, a GPU, its driver and the CUDA libraries)")
-    engines = {g: OrtEngine(bundle.graph(g, precision), device, threads) for g in GRAPH_NAMES}
+    engines = {g: OrtEngine(bundle.graph(g, precision), device, threads, device_id) for g in GRAPH_NAMES}
     loop = OrtCudaStepLoop(engines["unet"]) if device == "cuda" else HostStepLoop(engines["unet"])
     return Backend(name, dict(engines), loop)

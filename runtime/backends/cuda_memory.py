@@ -20,6 +20,14 @@ def cudart() -> Any:
     return runtime
 
 
+def device_count() -> int:
+    """CUDA devices this process sees; 0 without cuda-python or a driver."""
+    try:
+        return int(check(cudart().cudaGetDeviceCount()))
+    except (BackendUnavailableError, RuntimeError):
+        return 0
+
+
 def check(result: Any) -> Any:
     """cuda-python returns (error, *values): raise on error, return the value(s)."""
     rt = cudart()

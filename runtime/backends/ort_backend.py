@@ -93,14 +93,16 @@ class OrtEngine:
     The session is created on first use: on CUDA the UNet-step graph normally runs only in the step loop's own
     CUDA-graph session, and a second session would hold a second copy of its weights in GPU memory."""
 
-    def __init__(self, graph: GraphEntry, device: str = "cpu", threads: int | None = None) -> None:
-        self.graph, self.device, self.threads = graph, device, threads
+    def __init__(self, graph: GraphEntry, device: str = "cpu", threads: int | None = None, device_id: int = 0
+                 ) -> None:
+        self.graph, self.device, self.threads, self.device_id = graph, device, threads, device_id
         self.providers: list = ["CPUExecutionProvider"]
         if device == "cuda":
             if not cuda_available():
                 raise BackendUnavailableError("ort-cuda: onnxruntime cannot run on a CUDA device here "
                                               "(install onnxruntime-gpu and a CUDA driver)")
-            self.providers = [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
+            self.providers = [("CUDAExecutionProvider", {**CUDA_OPTIONS, "device_id": str(device_id)}),
+                              "CPUExecutionProvider"]
         self.output_dtypes = {t["name"]: _NP[t["dtype"]] for t in graph.outputs}
         self._outputs: dict[str, np.ndarray] = {}
         self._shape_key: tuple | None = None
@@ -168,10 +170,12 @@ class OrtCudaStepLoop:
     def __init__(self, engine: OrtEngine) -> None:
         self.engine = engine
         self.stream = None
-        options: dict[str, str] = {**CUDA_OPTIONS, "enable_cuda_graph": "1"}
+        self.device_id = engine.device_id
+        options: dict[str, str] = {**CUDA_OPTIONS, "device_id": str(self.device_id), "enable_cuda_graph": "1"}
         try:
             from diffiml.runtime.backends.cuda_memory import check, cudart
 
+            check(cudart().cudaSetDevice(self.device_id))  # the stream belongs to the device it is created on
             self.stream = check(cudart().cudaStreamCreateWithFlags(cudart().cudaStreamNonBlocking))
             options["user_compute_stream"] = str(int(self.stream))
         except (BackendUnavailableError, RuntimeError) as exc:
@@ -210,7 +214,8 @@ class OrtCudaStepLoop:
                 self._next_graph_id = 1
             else:  # without graphs a plan is only buffers and bindings: drop the least recently used
                 self._plans.pop(next(iter(self._plans)))
-        device = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32), "cuda", 0)  # noqa: E731
+        device = lambda a: ort.OrtValue.ortvalue_from_numpy(  # noqa: E731
+            np.ascontiguousarray(a, np.float32), "cuda", self.device_id)
         pair = [device(latents), device(np.empty_like(latents))]
         cond_value = device(cond)
         scalars = [[device(tables[r, k : k + 1]) for r in range(4)] for k in range(tables.shape[1])]

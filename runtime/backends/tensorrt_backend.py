@@ -44,11 +44,11 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def device_identity() -> dict[str, str]:
+def device_identity(device_id: int = 0) -> dict[str, str]:
     """The GPU and TensorRT version an engine is bound to."""
     import tensorrt as trt
 
-    props = check(cudart().cudaGetDeviceProperties(0))
+    props = check(cudart().cudaGetDeviceProperties(device_id))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return {"compute_capability": f"{props.major}.{props.minor}", "device_name": name.strip("\x00"),
             "tensorrt_version": trt.__version__, "platform": platform.machine()}
@@ -73,10 +73,12 @@ def select_engines(bundle: Bundle, identity: dict[str, str]) -> dict[str, dict[s
 class TrtContext:
     """Engines of one bundle on one stream, sharing one activation pool."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, device_id: int = 0) -> None:
         import tensorrt as trt
 
-        entries = select_engines(bundle, device_identity())  # refuse a bundle before touching the GPU
+        entries = select_engines(bundle, device_identity(device_id))  # refuse a bundle before touching the GPU
+        self.device_id = device_id
+        self.use_device()
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -101,6 +103,11 @@ class TrtContext:
             ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             ctx.set_device_memory(self.pool, engine.device_memory_size_v2)
             self.contexts[name] = ctx
+
+    def use_device(self) -> None:
+        """Make this context's GPU current for the calling thread: CUDA's current device is per thread, and the
+        server's instances call from threads of their own."""
+        check(cudart().cudaSetDevice(self.device_id))
 
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.stream))
@@ -188,6 +195,7 @@ class TrtEngine:
             raise RuntimeError(f"TensorRT: {self.name} failed to enqueue")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.ctx.use_device()
         self.bind({n: tuple(v.shape) for n, v in feeds.items()})
         for n, v in feeds.items():
             self.buffers[n].upload(v.astype(self.buffers[n].dtype, copy=False), self.ctx.stream)
@@ -289,6 +297,7 @@ class TrtStepLoop:
     def __call__(self, latents: np.ndarray, cond_features: np.ndarray, timesteps: np.ndarray,
                  coef_x0: np.ndarray, coef_xt: np.ndarray, sqrt_alpha: np.ndarray) -> np.ndarray:
         stream = self.unet.ctx.stream
+        self.unet.ctx.use_device()
         tables = np.stack([timesteps, coef_x0, coef_xt, sqrt_alpha]).astype(np.float32)
         captured = self._prepare(latents, cond_features, tables)
         self.unet.buffers["latents"].upload(latents, stream)
@@ -300,7 +309,7 @@ class TrtStepLoop:
         return np.array(out, copy=True)
 
 
-def open_engines(bundle: Bundle) -> tuple[dict[str, TrtEngine], TrtStepLoop]:
-    ctx = TrtContext(bundle)
+def open_engines(bundle: Bundle, device_id: int = 0) -> tuple[dict[str, TrtEngine], TrtStepLoop]:
+    ctx = TrtContext(bundle, device_id)
     engines = {name: TrtEngine(ctx, name) for name in GRAPH_NAMES}
     return engines, TrtStepLoop(engines["unet"])
