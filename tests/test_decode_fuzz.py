@@ -79,7 +79,7 @@ def test_every_format_still_decodes():
 def test_fuzzed_inputs_raise_only_image_decode_errors_and_stay_under_the_memory_bound():
     """In a fresh process, so its peak resident memory is the decoder's alone."""
     script = textwrap.dedent("""
-        import json, resource, sys
+        import json, re, sys
         sys.path.insert(0, sys.argv[1])
         from test_decode_fuzz import mutants
         from diffiml.runtime.errors import ImageDecodeError
@@ -95,7 +95,9 @@ def test_fuzzed_inputs_raise_only_image_decode_errors_and_stay_under_the_memory_
                 refused += 1
             except BaseException as exc:  # anything else is the bug this test is for
                 other.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the parent's size
+        status = open("/proc/self/status").read()
+        peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024
         print(json.dumps({"decoded": decoded, "refused": refused, "other": other, "peak_mib": peak}))
     """)
     tests_dir = str(__import__("pathlib").Path(__file__).parent)

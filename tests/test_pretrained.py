@@ -60,10 +60,10 @@ def test_a_file_with_another_sha256_is_refused_before_it_is_read(tmp_path):
 def test_encoder_built_with_imagenet_weights_holds_them_and_drops_the_classifier(imagenet_mobilenet):
     from diffiml.train.condition_encoder import BUNDLED_IMAGENET, ConditionEncoder
 
-    config = ModelConfig.from_json({**get_config("mobile").to_json(), "image_size": 64})
+    config = ModelConfig.from_json({**get_config("mobile").to_json(), "image_size": 128})
     encoder = ConditionEncoder(config, pretrained=BUNDLED_IMAGENET)
     first = encoder.backbone.features[0][0].weight
     assert torch.equal(first, imagenet_mobilenet.features[0][0].weight)
     assert not any(k.startswith("backbone.classifier") for k in encoder.state_dict())
-    out = encoder(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, config.head_channels, 8, 8)
+    out = encoder(torch.randn(2, 3, 128, 128))
+    assert out.shape == (2, config.head_channels, 16, 16)

@@ -167,7 +167,7 @@ def test_auto_moves_past_tensorrt_when_the_bundle_has_no_engines_for_it(tiny_bun
     from diffiml.runtime.bundle import load_bundle
 
     monkeypatch.setattr(tensorrt_backend, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(tensorrt_backend, "device_identity", lambda: {
+    monkeypatch.setattr(tensorrt_backend, "device_identity", lambda device_id=0: {
         "compute_capability": "9.0", "device_name": "H100", "tensorrt_version": "10.13", "platform": "x86_64"})
     bundle = load_bundle(tiny_bundle)
     with pytest.raises(BundleError, match="no TensorRT engines"):

@@ -103,7 +103,8 @@ class FakeUnet:
 
     def __init__(self, cuda):
         self.cuda = cuda
-        self.ctx = types.SimpleNamespace(stream=7, synchronize=lambda: None, close=lambda: None)
+        self.ctx = types.SimpleNamespace(stream=7, synchronize=lambda: None, close=lambda: None,
+                                         use_device=lambda: None)
         self.addresses, self.buffers, self.by_shape, self.fail_enqueue = {}, {}, {}, False
         self.context = types.SimpleNamespace(set_tensor_address=self._set)
 

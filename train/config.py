@@ -47,6 +47,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        keys = (self.image_size // 16) ** 2 - (2 * self.correlation_exclude + 1) ** 2
+        if self.self_correlation and self.correlation_topk >= keys:
+            raise ValueError(f"self-correlation: top-{self.correlation_topk} needs more than the {max(keys, 0)} "
+                             f"positions a {self.image_size}² input leaves outside each one's neighbourhood; use a "
+                             "larger input or a smaller correlation_topk")
         if self.backbone not in (*MIT_VARIANTS, *RESNET_VARIANTS, *MOBILENET_VARIANTS):
             known = sorted(MIT_VARIANTS) + sorted(RESNET_VARIANTS) + list(MOBILENET_VARIANTS)
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {known}")
