@@ -114,6 +114,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True)
     c.set_defaults(handler=correlation)
 
+    g = bench.add_parser("copy-signal", help="how visible a copied block is to self-correlation (AUC), untrained")
+    g.add_argument("--checkpoint", default="models/default")
+    g.add_argument("--data", required=True, help="a data list; its first --limit images host the copies")
+    g.add_argument("--limit", type=int, default=40)
+    g.add_argument("--block", type=int, default=48, help="side of the copied block at the 256² model input")
+    g.add_argument("--out", required=True)
+    g.set_defaults(handler=copy_signal)
+
     d = bench.add_parser("modes", help="fewer steps, int8, adaptive ensemble: timed against the authors' order")
     d.add_argument("--config", default="paper")
     d.add_argument("--bundle", default=None, help="time this bundle (default: export random weights of --config)")
@@ -297,6 +305,23 @@ def serve_load(args: argparse.Namespace) -> int:
     print(table)
     lost = sum(r["good_lost"] for r in rows) + sum(r["bad_accepted"] for r in rows)
     return 1 if lost else 0
+
+
+def copy_signal(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.copy_signal import copy_signal as run
+    from diffiml.benchmarks.copy_signal import to_markdown
+    from diffiml.train.data.readers import load_pair, read_dataset
+
+    images = [load_pair(s)[0] for s in read_dataset(args.data)[: args.limit]]
+    rows = run(args.checkpoint, images, block=args.block)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` "
+                              f"({len(images)} host images, one copied block each).\n")
+    write_text_atomic(out / "copy_signal.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / "copy_signal.md", md)
+    print(md)
+    return 0
 
 
 def correlation(args: argparse.Namespace) -> int:

@@ -228,3 +228,14 @@ def test_correlation_cost_times_the_encoder_with_and_without_the_stage(tmp_path)
     assert row["stage_gmacs"] > 0 and row["encoder_gmacs_with"] > row["encoder_gmacs_without"]
     assert row["encoder_ms_with"] > 0 and row["encoder_ms_without"] > 0 and row["positions"] == 16  # 1/16 grid
     assert "added latency" in (tmp_path / "correlation.md").read_text()
+
+
+def test_copy_signal_scores_every_feature_set_for_both_kinds_of_copy(tiny_run):
+    from diffiml.benchmarks.copy_signal import FEATURE_SETS, copy_signal
+
+    images = [np.random.default_rng(i).integers(0, 256, (80, 96, 3), dtype=np.uint8) for i in range(2)]
+    rows = copy_signal(str(tiny_run), images, block=16, size=64)
+    assert len(rows) == 2 * len(FEATURE_SETS) and {r["copy"] for r in rows} == {"translated", "rotated 30°"}
+    assert all(0 <= r["top1_auc"] <= 1 and 0 <= r["mutual_auc"] <= 1 and r["images"] == 2 for r in rows)
+    with pytest.raises(ValueError, match="--block"):
+        copy_signal(str(tiny_run), images, block=40, size=64)
