@@ -239,17 +239,22 @@ def scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(out_dir: str, stem: str, rows: object, md: str) -> None:
+    """A benchmark's result as OUT/STEM.json and OUT/STEM.md (written atomically), and the table on stdout."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{stem}.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / f"{stem}.md", md)
+    print(md)
+
+
 def unet_call(args: argparse.Namespace) -> int:
     from diffiml.benchmarks.unet_call import bench_unet_call, to_markdown
 
     rows = bench_unet_call(args.config, args.members, args.runs, args.warmup, tuple(args.attention.split(",")))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}; config {args.config}; {args.runs} timed runs "
-                              f"after {args.warmup} warm-ups; random weights.\n")
-    write_text_atomic(out / "unet_call.json", json.dumps(rows, indent=2))
-    write_text_atomic(out / "unet_call.md", md)
-    print(md)
+    _report(args.out, "unet_call", rows, to_markdown(rows) + (
+        f"\nMeasured {date.today().isoformat()}; config {args.config}; {args.runs} timed runs after {args.warmup} "
+        "warm-ups; random weights.\n"))
     return 0
 
 
@@ -314,28 +319,20 @@ def copy_signal(args: argparse.Namespace) -> int:
 
     images = [load_pair(s)[0] for s in read_dataset(args.data)[: args.limit]]
     rows = run(args.checkpoint, images, block=args.block)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` "
-                              f"({len(images)} host images, one copied block each).\n")
-    write_text_atomic(out / "copy_signal.json", json.dumps(rows, indent=2))
-    write_text_atomic(out / "copy_signal.md", md)
-    print(md)
+    _report(args.out, "copy_signal", rows, to_markdown(rows) + (
+        f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({len(images)} host images, one "
+        "copied block each).\n"))
     return 0
 
 
 def correlation(args: argparse.Namespace) -> int:
     from diffiml.benchmarks.correlation_cost import bench_correlation, to_markdown
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = bench_correlation(args.config, tuple(int(s) for s in args.sizes.split(",")), args.runs,
                              threads=args.threads)
-    md = to_markdown(rows) + (f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` "
-                              "(medians of alternating runs, onnxruntime CPU, one image).\n")
-    write_text_atomic(out / "correlation.json", json.dumps(rows, indent=2))
-    write_text_atomic(out / "correlation.md", md)
-    print(md)
+    _report(args.out, "correlation", rows, to_markdown(rows) + (
+        f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` (medians of alternating runs, "
+        "onnxruntime CPU, one image).\n"))
     return 0
 
 
