@@ -20,7 +20,7 @@ from diffiml.export.exporter import export_graph
 from diffiml.export.graphs import graph_specs
 from diffiml.runtime.backends.ort_backend import ort_module, session_options
 from diffiml.train.config import get_config
-from diffiml.train.info import _gmacs
+from diffiml.train.info import gmacs
 from diffiml.train.model import DiffIML
 
 
@@ -32,8 +32,8 @@ def _encoder_session(config: Any, threads: int | None) -> Any:
     spec, module = graph_specs(model)["condition_encoder"]
     data = export_graph(spec, module, {"images": 1})
     image = torch.zeros(1, 3, config.image_size, config.image_size)
-    gmacs, _ = _gmacs(lambda: module(image))
-    return ort_module().InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"]), gmacs
+    counted, _ = gmacs(lambda: module(image))
+    return ort_module().InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"]), counted
 
 
 def bench_correlation(config_name: str = "mobile", sizes: tuple[int, ...] = (256, 512), runs: int = 30,

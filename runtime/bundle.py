@@ -96,6 +96,11 @@ class Bundle:
         return DdimPlan.from_json(self.manifest["sampling"]["schedules"][str(steps)])
 
     @property
+    def sha256s(self) -> dict[str, str]:
+        """The fp32 graphs' sha256 by graph name: the bundle's identity, as servers report it."""
+        return {name: self.graph(name).sha256 for name in GRAPH_NAMES}
+
+    @property
     def precisions(self) -> list[str]:
         """The precisions this bundle carries: always fp32, and those `diffiml export --precision` added."""
         return ["fp32", *sorted(self.manifest.get("precisions", {}))]

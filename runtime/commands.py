@@ -161,12 +161,8 @@ def localize(args: argparse.Namespace) -> int:
         decoded = load_image(path, localizer.bundle.image_size)
         return localizer.localize(decoded), decoded.rgb, localizer.backend
 
-    try:
+    with localizer:
         return _localize_each(paths, one, out, args.truth)
-    finally:
-        close = getattr(localizer, "close", None)
-        if callable(close):
-            close()
 
 
 def _localize_each(paths: list[Path], one, out: Path, truth: str | None) -> int:  # noqa: ANN001

@@ -48,14 +48,15 @@ def _header_size(data: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def _pillow_size(data: np.ndarray, name: str) -> tuple[int, int] | None:
-    """(width, height) from any header Pillow reads (BMP, TIFF, WebP, PNM, GIF, ...), without decoding pixels."""
+def _pillow_size(source: str | bytes, name: str) -> tuple[int, int] | None:
+    """(width, height) from any header Pillow reads (BMP, TIFF, WebP, PNM, GIF, ...), without decoding pixels.
+    ``source``: the file's path (Pillow reads only what the header needs) or the encoded bytes (not copied)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data.tobytes())) as im:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
                 return int(im.size[0]), int(im.size[1])
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: too many pixels to decode ({exc})") from None
@@ -130,15 +131,16 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
     if isinstance(source, bytes | bytearray):
         if len(source) > MAX_BYTES:
             raise ImageDecodeError(f"<bytes>: larger than {MAX_BYTES >> 20} MiB")
-        name, data = "<bytes>", np.frombuffer(bytes(source), np.uint8)
+        raw = bytes(source)  # a bytes object is not copied; a bytearray is, once
+        name, data, header = "<bytes>", np.frombuffer(raw, np.uint8), raw
     else:
-        name = str(_checked_file(source))
+        name = header = str(_checked_file(source))
         data = np.fromfile(name, np.uint8)
     if data.size == 0:
         raise ImageDecodeError(f"{name}: empty file")
     is_jpeg = data[:2].tobytes() == b"\xff\xd8"
     reducible = is_jpeg or _png_is_plain_rgb8(data)
-    size = _header_size(data) or _pillow_size(data, name)
+    size = _header_size(data) or _pillow_size(header, name)
     if size is None:
         raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format: its size "
                                "could not be read before decoding)")

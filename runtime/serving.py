@@ -52,18 +52,13 @@ _INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also acce
 
 @dataclass(frozen=True)
 class Settings:
-    """What one request may choose; requests with equal settings share a batch."""
+    """What one request may choose; requests with equal ``batch_key`` share a batch."""
 
     steps: int
     ensemble: int
     seed: int
     uncertainty: bool
     raw: bool
-
-    @property
-    def engine_key(self) -> tuple[int, int, int, bool]:
-        """The Localizer these settings need (its default seed included)."""
-        return self.steps, self.ensemble, self.seed, self.uncertainty
 
     @property
     def batch_key(self) -> tuple[int, int, bool]:
@@ -114,21 +109,21 @@ class InstanceModel:
 
     def __init__(self, bundle: Bundle, backend: Backend, stats: ServeStats | None = None) -> None:
         self.bundle, self.backend = bundle, backend
-        self.bundle_sha256 = {name: bundle.graph(name).sha256 for name in ("condition_encoder", "unet",
-                                                                           "mask_decoder")}
+        self.bundle_sha256 = bundle.sha256s
         self.stats = stats or ServeStats(self.bundle_sha256)
-        self._localizers: OrderedDict[tuple[int, int, int, bool], Localizer] = OrderedDict()
+        self._localizers: OrderedDict[tuple[int, int, bool], Localizer] = OrderedDict()
 
     def localizer(self, s: Settings) -> Localizer:
-        """The Localizer of these settings, from a least-recently-used cache (each holds its noise draws)."""
-        if s.engine_key in self._localizers:
-            self._localizers.move_to_end(s.engine_key)
+        """The Localizer of these settings' batch (steps, ensemble, uncertainty; each row brings its own seed), from a
+        least-recently-used cache."""
+        key = s.batch_key
+        if key in self._localizers:
+            self._localizers.move_to_end(key)
         else:
             if len(self._localizers) >= LOCALIZER_CACHE:
                 self._localizers.popitem(last=False)
-            self._localizers[s.engine_key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, s.seed,
-                                                       s.uncertainty)
-        return self._localizers[s.engine_key]
+            self._localizers[key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, 0, s.uncertainty)
+        return self._localizers[key]
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows: list[list[dict[str, Any]]] = []
@@ -264,7 +259,7 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     # The serving process decodes, encodes and moves requests beside inference, on the same cores: onnxruntime's
     # threads sleep instead of spinning between operators (measured: benchmarks/RESULTS.md, serving).
     os.environ.setdefault("DIFFIML_ORT_SPINNING", "0")
-    stats = ServeStats({name: bundle.graph(name).sha256 for name in ("condition_encoder", "unet", "mask_decoder")})
+    stats = ServeStats(bundle.sha256s)
     # Instances go round-robin over the GPUs this process sees (one GPU, or none: all on device 0 / the CPU).
     gpus = max(1, device_count()) if options.backend != "ort-cpu" else 1
     models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision, i % gpus),

@@ -41,7 +41,7 @@ class ModelConfig:
     ensemble: int = DEFAULT_ENSEMBLE
     # Self-correlation in the condition encoder (train/self_correlation.py; not in the paper): finds copy-moves.
     self_correlation: bool = False
-    correlation_topk: int = 8  # TopK is the stage's costliest op on a CPU (1.0 ms at k = 8, 1.5 at 16)
+    correlation_topk: int = 8  # TopK is among the stage's costliest ops on a CPU: k grows its time
     correlation_exclude: int = 1  # cells (of the 1/16 grid) of each position's own neighbourhood that cannot match
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from diffiml.train.config import ModelConfig
 from diffiml.train.model import DiffIML
 
 
-def _gmacs(fn: Any) -> tuple[float, float]:
+def gmacs(fn: Any) -> tuple[float, float]:
     """(all GMACs, GMACs of attention). Attention runs as batched matmuls here (the UNet's under the math backend,
     the encoder's as written); fvcore, the paper's counter, did not see the UNet's, which the authors run fused."""
     # The math backend runs attention as bmm, which the counter sees (CPU flash attention is not in its table).
@@ -40,9 +40,9 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
     cond_feat = model.unet.condition_features(cond)
     z = torch.zeros(1, 2 * LATENT_CHANNELS, h, h)
     t = torch.zeros(1, dtype=torch.int64)
-    encoder, _ = _gmacs(lambda: model.unet.condition_features(model.encoder(image)))
-    unet, unet_attention = _gmacs(lambda: model.unet(z, t, cond_feat))
-    decoder, _ = _gmacs(lambda: model.vae.decode(z[:, :LATENT_CHANNELS]))
+    encoder, _ = gmacs(lambda: model.unet.condition_features(model.encoder(image)))
+    unet, unet_attention = gmacs(lambda: model.unet(z, t, cond_feat))
+    decoder, _ = gmacs(lambda: model.vae.decode(z[:, :LATENT_CHANNELS]))
     unet_fvcore = unet - unet_attention
     k = config.steps
     return {

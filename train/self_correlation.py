@@ -11,14 +11,15 @@ Choices (measured without training on real-dev copy-moves, ``COPYMOVE.md``, and 
   position of the 1/16 grid (the *keys*, 16 × 16). Queries at 1/8 keep small copies visible (real copy-moves often
   cover 1-5 % of the image); keys at 1/16 keep the matrix at 1024 × 256. With keys at 1/8 too, the HW × HW matrix
   has a million entries and its TopK and masking took 70 % of the whole encoder's time on a 2-core CPU
-  (``diffiml bench correlation``); stride 16 was also among the better choices for matching in ``COPYMOVE.md``.
+  (a one-off ``diffiml bench correlation`` of that first design, commit bd08372); stride 16 was also among the
+  better choices for matching in ``COPYMOVE.md``.
 - **Features**: queries are the stride-8 stage beside the stride-16 stage upsampled to 1/8; keys the stride-16
   stage beside the stride-8 stage average-pooled to 1/16 (the same 128 channels, each at its grid). Each is
   **centred** on the image's mean feature before L2 normalisation: otherwise what every position shares (sky,
   texture) dominates the similarity.
 - **Own neighbourhood excluded**: a key within ``exclude`` cells of the 1/16 grid (Chebyshev distance) of the
   key cell that holds the query cannot match it, so a patch does not find itself or its smooth surroundings. A
-  constant boolean matrix.
+  constant added to the similarity (-3 in the band, 0 elsewhere).
 - **Top-k sorted similarities** (BusterNet): the best ``k`` matches of each position, a signature of "this patch
   exists elsewhere" that does not depend on where.
 - **Offset of the matches** (dy, dx divided by the grid size): raw similarity over-predicts on self-similar
