@@ -35,7 +35,9 @@ def bench_curve(run: str | Path, data: list[tuple[str, list]], steps: int | None
         with tempfile.TemporaryDirectory(prefix="diffiml-curve-") as tmp:
             bundle = Path(tmp) / "bundle"
             export_bundle(ckpt, bundle)
-            localizer = Localizer.open(bundle, backend="ort-cpu", steps=steps, ensemble=ensemble, seed=seed)
+            # What training bought: the model's map alone (the copy-move cue is the same at every step).
+            localizer = Localizer.open(bundle, backend="ort-cpu", steps=steps, ensemble=ensemble, seed=seed,
+                                       copy_move=False)
             rows.append({"step": step, "checkpoint": str(ckpt),
                          "datasets": [evaluate(localizer, samples, name)[0] for name, samples in data]})
     return rows

@@ -59,7 +59,7 @@ def bench_modes(config_name: str, modes: list[str], image_path: Path, runs: int,
                      **time_runs(fn, runs, warmup)})
     for (precision, steps, ensemble), text in zip(parsed, modes, strict=True):
         loc = Localizer.open(bundle, backend="ort-cpu", steps=steps, ensemble=ensemble, threads=threads,
-                             precision=precision)
+                             precision=precision, copy_move=False)  # the model's modes, against the authors' order
         members = loc.localize(rgb).members
         rows.append({"mode": f"runtime {text}", "members": members,
                      **time_runs(runtime_pipeline(loc, [rgb]), runs, warmup)})

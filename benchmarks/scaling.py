@@ -16,16 +16,16 @@ def bench_scaling(bundle: str, backend: str, ensembles: list[int], steps_list: l
                   runs: int, warmup: int) -> dict[str, Any]:
     from diffiml.runtime.localizer import Localizer
 
-    base = Localizer.open(bundle, backend=backend)
+    base = Localizer.open(bundle, backend=backend, copy_move=False)  # the graphs' scaling
     size = base.bundle.image_size
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     out: dict[str, Any] = {"backend": base.backend, "image_size": size, "ensemble": [], "steps": [], "batch": []}
     for n in ensembles:
-        loc = Localizer.open(bundle, backend=backend, ensemble=n)
+        loc = Localizer.open(bundle, backend=backend, ensemble=n, copy_move=False)
         out["ensemble"].append({"ensemble": n, "steps": loc.steps, **_timed(loc, [image], runs, warmup)})
     for k in steps_list:
-        loc = Localizer.open(bundle, backend=backend, steps=k)
+        loc = Localizer.open(bundle, backend=backend, steps=k, copy_move=False)
         out["steps"].append({"steps": k, "ensemble": loc.ensemble, **_timed(loc, [image], runs, warmup)})
     for b in batches:
         t = _timed(base, [image] * b, max(3, runs // b), 1)

@@ -174,7 +174,7 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
             for precision in precisions:
                 try:
                     loc = Localizer.open(bundle, backend=backend, steps=steps, ensemble=n, threads=threads,
-                                         precision=precision)
+                                         precision=precision, copy_move=False)  # the paper's model alone
                 except Exception as exc:  # noqa: BLE001 - any reason a backend cannot start is reported, not raised
                     rows.append(row(backend, precision, n, None, "-", skipped=str(exc)))
                     continue

@@ -13,6 +13,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="bundle folder, e.g. engines/NAME")
     p.add_argument("--name", default=None)
+    p.add_argument("--no-copy-move-cue", dest="copy_move_cue", action="store_false",
+                   help="leave the classical copy-move cue out of the bundle (the model's map alone)")
     p.add_argument("--precision", default="fp32", metavar="fp32|int8|fp16[,...]",
                    help="fp32 graphs always; int8 adds graphs for CPU (needs --calibration), fp16 graphs for CUDA")
     p.add_argument("--calibration", default=None, metavar="DATA",
@@ -62,7 +64,8 @@ def export(args: argparse.Namespace) -> int:
         picked = [images[i] for i in np.unique(np.linspace(0, len(images) - 1, n + 8).astype(int))]
         calibration, check = (picked[:n] if "int8" in wanted else None), picked[n:]
     manifest = export_bundle(args.checkpoint, args.out, args.name, attention=args.attention,
-                             int8_calibration=calibration, check_images=check, fp16="fp16" in wanted)
+                             int8_calibration=calibration, check_images=check, fp16="fp16" in wanted,
+                             copy_move_cue=args.copy_move_cue)
     print(json.dumps({"bundle": args.out, "graphs": {k: v["sha256"] for k, v in manifest["graphs"].items()},
                       "checks": manifest["checks"],
                       **{f"{p}_checks": e["checks"] for p, e in manifest.get("precisions", {}).items()}}))

@@ -28,6 +28,7 @@ from diffiml.export.graphs import GraphSpec, graph_specs
 from diffiml.export.precision_check import graph_entry
 from diffiml.files import write_bytes_atomic
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
+from diffiml.runtime.copy_move import CopyMoveCue
 from diffiml.schedule import ddim_plan
 from diffiml.train.checkpoint import load_config, load_weights, replace_folder, resolve_checkpoint
 from diffiml.train.config import ModelConfig
@@ -95,13 +96,15 @@ def check_against_torch(spec: GraphSpec, module: torch.nn.Module, onnx_bytes: by
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None,
                   steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused",
                   int8_calibration: list[Path] | None = None, check_images: list[Path] | None = None,
-                  int8_min_agreement: float | None = None, fp16: bool = False) -> dict[str, Any]:
+                  int8_min_agreement: float | None = None, fp16: bool = False, copy_move_cue: bool = True
+                  ) -> dict[str, Any]:
     """Write the bundle into ``out`` (replacing it only once everything passed) and return its manifest.
 
     ``attention="fused"`` (for onnxruntime) writes the UNet's attention as one fused operator; "standard" keeps plain
     ONNX ops, which TensorRT's parser needs (``diffiml.export.attention``). With ``int8_calibration`` images, the
     bundle also carries int8 graphs (``diffiml.export.quantize``); with ``fp16``, fp16 graphs for CUDA
-    (``diffiml.export.half``). Each reduced precision is compared with fp32 on ``check_images``."""
+    (``diffiml.export.half``). Each reduced precision is compared with fp32 on ``check_images``. With
+    ``copy_move_cue``, the manifest enables the runtime's classical copy-move cue (runtime/copy_move.py)."""
     torch.manual_seed(0)
     model, ckpt = load_diffiml(checkpoint)
     cfg = model.config
@@ -141,6 +144,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
             "schedules": {str(k): ddim_plan(k).to_json() for k in all_steps},
         },
         "graphs": graphs,
+        **({"copy_move_cue": CopyMoveCue().manifest()} if copy_move_cue else {}),
         "checks": {"fp32_max_abs_error_vs_torch": checks},
         "opset": OPSET,
         "attention": attention,

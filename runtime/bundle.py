@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from diffiml.files import sha256_of
+from diffiml.runtime.copy_move import CopyMoveCue
 from diffiml.runtime.errors import BundleError
 from diffiml.schedule import DdimPlan
 
-FORMAT_VERSION = 3  # 3: optional reduced-precision graphs (`precisions`); 2: graphs list their operator domains
+# 4: optional `copy_move_cue` (runtime/copy_move.py); 3: optional reduced-precision graphs (`precisions`);
+# 2: graphs list their operator domains. Version 3 bundles are read too: they have no copy-move cue.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 PRECISIONS = ("fp32", "int8", "fp16")
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
 SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
@@ -118,6 +122,12 @@ class Bundle:
             raise BundleError(f"{self.root}: the manifest has no {name} graph")
         return GraphEntry(name, self.root / g["file"], g["sha256"], g["inputs"], g["outputs"], tuple(g["domains"]))
 
+    @property
+    def copy_move_cue(self) -> CopyMoveCue | None:
+        """The classical copy-move cue the bundle's producer enabled (fused with the model's map), or None."""
+        entry = self.manifest.get("copy_move_cue")
+        return None if entry is None else CopyMoveCue.from_manifest(entry, str(self.root))
+
     def checkpoint_path(self) -> Path:
         if "path" not in self.manifest.get("checkpoint", {}):
             raise BundleError(f"{self.root}: the manifest names no checkpoint; give --reference the checkpoint")
@@ -137,9 +147,9 @@ def validate_manifest(manifest: Any, where: Path) -> None:
     if not isinstance(manifest, dict):
         raise BundleError(f"{where}: manifest.json is not a JSON object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{where}: unknown bundle format_version {version!r}; this diffiml reads version "
-                          f"{FORMAT_VERSION} — re-export the bundle with this version")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"{where}: unknown bundle format_version {version!r}; this diffiml reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))} — re-export the bundle with this version")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{where}: manifest.json lacks {', '.join(missing)}")
@@ -160,6 +170,8 @@ def validate_manifest(manifest: Any, where: Path) -> None:
                 raise BundleError(f"{where}: the {precision} entry for graph {name!r} is incomplete or unknown")
             if [t.get("name") for t in g["inputs"]] != [t["name"] for t in manifest["graphs"][name]["inputs"]]:
                 raise BundleError(f"{where}: the {precision} {name} graph's inputs differ from the fp32 graph's")
+    if "copy_move_cue" in manifest:
+        CopyMoveCue.from_manifest(manifest["copy_move_cue"], str(where))
     spec = manifest["input"]
     asked = {k: spec.get(k) for k in SUPPORTED_INPUT}
     if asked != SUPPORTED_INPUT or not all(k in spec for k in ("size", "scale", "mean", "std")):

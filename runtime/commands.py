@@ -36,13 +36,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-copy-move", dest="copy_move", action="store_false",
+                   help="leave out the bundle's classical copy-move cue (the score-based model's map alone)")
     p.add_argument("--reference", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="run the PyTorch reference sampler (imports torch) on CHECKPOINT, or on the bundle's own")
     p.add_argument("--truth", default=None, help="a true mask for a single input: prints the F1 against it")
     p.add_argument("--server", default=None, metavar="URL",
                    help="send the images to a `diffiml serve` endpoint (http://HOST:PORT or grpc://HOST:PORT) "
                         "instead of running the bundle here")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.html in --out: the images ranked by score, settings and failures")
     p.set_defaults(handler=localize)
+
+    r = sub.add_parser("report", help="write report.html for a scan or localize --report output folder")
+    r.add_argument("dir", metavar="DIR", help="the --out folder of `diffiml scan` or `diffiml localize --report`")
+    r.add_argument("--title", default=None, help="the page's title (default: the folder's name)")
+    r.set_defaults(handler=report)
 
     s = sub.add_parser("serve", help="serve a bundle with NVIDIA Triton Inference Server (PyTriton)")
     s.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
@@ -78,6 +87,13 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from diffiml.runtime.report import write_report
+
+    print(write_report(Path(args.dir), title=args.title))
+    return 0
+
+
 def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files as given (even if not images: they fail later with a clear line), folders' images, glob matches."""
     paths: list[Path] = []
@@ -106,18 +122,22 @@ def adaptive_policy(args: argparse.Namespace):  # -> AdaptiveEnsemble | None (im
 
 
 def _print_record(path: Path, result, backend: str, t0: float, files: dict[str, str],  # noqa: ANN001
-                  truth: str | None) -> None:
-    """One JSON line per localized image (the same for a local run and a server's answer)."""
+                  truth: str | None) -> dict:
+    """One JSON line per localized image (the same for a local run and a server's answer); returns the record."""
     from diffiml.runtime.image_io import load_image
     from diffiml.runtime.metrics import pixel_f1
 
     record = {"path": str(path), "score": round(result.score, 4),
               "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": backend,
-              "members": result.members, "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+              "members": result.members,
+              **({} if result.copy_move_fraction is None
+                 else {"copy_move_fraction": round(result.copy_move_fraction, 4)}),
+              "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
               "total_ms": round((time.perf_counter() - t0) * 1000, 2), "outputs": files}
     if truth:
         record["f1"] = round(pixel_f1(result.mask, load_image(truth).rgb[..., 0] >= 128), 4)
     print(json.dumps(record), flush=True)
+    return record
 
 
 def _output_folder(name: str) -> Path:
@@ -139,8 +159,9 @@ def localize(args: argparse.Namespace) -> int:
     if not paths:
         raise DiffimlError("no input images matched")
     if args.server is not None:
-        if args.reference is not None or args.tta:
-            raise DiffimlError("--server runs the server's bundle: --reference and --tta are local only")
+        if args.reference is not None or args.tta or not args.copy_move:
+            raise DiffimlError("--server runs the server's bundle: --reference, --tta and --no-copy-move are local "
+                               "only")
         return _localize_on_server(args, paths)
     if args.reference is not None:
         open_reference = getattr(args, "open_reference", None)  # plugged in by diffiml.export.commands
@@ -148,13 +169,14 @@ def localize(args: argparse.Namespace) -> int:
             raise DiffimlError("--reference needs the training stack (pip install 'diffiml[export]')")
         localizer = open_reference(args.bundle, args.reference or None, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
-                                   adaptive=adaptive_policy(args))
+                                   adaptive=adaptive_policy(args), copy_move=args.copy_move)
     else:
         from diffiml.runtime.localizer import Localizer
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
-                                   adaptive=adaptive_policy(args), precision=args.precision)
+                                   adaptive=adaptive_policy(args), precision=args.precision,
+                                   copy_move=args.copy_move)
     out = _output_folder(args.out)
 
     def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
@@ -162,17 +184,24 @@ def localize(args: argparse.Namespace) -> int:
         return localizer.localize(decoded), decoded.rgb, localizer.backend
 
     with localizer:
-        return _localize_each(paths, one, out, args.truth)
+        settings = {"bundle": args.bundle, "backend": localizer.backend, "precision": args.precision,
+                    "ensemble": f"auto:{localizer.ensemble}" if localizer.adaptive else localizer.ensemble,
+                    "steps": localizer.steps, "seed": localizer.seed, "tta": localizer.tta,
+                    "uncertainty": localizer.uncertainty, "copy_move_cue": localizer.copy_move is not None}
+        return _localize_each(paths, one, out, args.truth, settings if args.report else None)
 
 
-def _localize_each(paths: list[Path], one, out: Path, truth: str | None) -> int:  # noqa: ANN001
+def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa: ANN001
+                   report: dict | None = None) -> int:
     """The loop of ``localize``, local or on a server: ``one(path)`` gives (result, image for the overlay, backend
-    label). Each image's files and JSON line, or one line naming it when it fails; the others go on."""
+    label). Each image's files and JSON line, or one line naming it when it fails; the others go on. With
+    ``report`` (the run's settings), the records also go to ``localize.json`` and ``report.html`` in ``out``."""
     from tqdm import tqdm
 
     from diffiml.runtime.outputs import write_outputs
 
     failures = 0
+    records: list[dict] = []
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
             t0 = time.perf_counter()
@@ -183,8 +212,14 @@ def _localize_each(paths: list[Path], one, out: Path, truth: str | None) -> int:
             text = str(exc).replace("<bytes>", str(path))
             message = text if str(path) in text else f"{path}: {text}"
             tqdm.write(f"diffiml localize: {message}", file=sys.stderr)  # on its own line, not after the bar
+            records.append({"path": str(path), "error": message})
             continue
-        _print_record(path, result, backend, t0, files, truth if len(paths) == 1 else None)
+        record = _print_record(path, result, backend, t0, files, truth if len(paths) == 1 else None)
+        records.append({**record, "width": result.width, "height": result.height})
+    if report is not None:
+        from diffiml.runtime.report import write_localize_run
+
+        print(f"diffiml localize: report: {write_localize_run(out, report, records)}", file=sys.stderr)
     if failures:
         print(f"diffiml localize: {failures} of {len(paths)} inputs failed", file=sys.stderr)
     return 1 if failures else 0
@@ -209,7 +244,11 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
         decoded = load_image(path, answer.result.model_probability.shape[0])  # for the overlay only
         return answer.result, decoded.rgb, f"{answer.info.get('backend', '?')}@{args.server}"
 
+    default = "the server's default"
+    settings = {"bundle": f"served by {args.server}", "ensemble": default if ensemble is None else ensemble,
+                "steps": default if args.steps is None else args.steps, "seed": args.seed,
+                "uncertainty": args.uncertainty}
     try:
-        return _localize_each(paths, one, out, args.truth)
+        return _localize_each(paths, one, out, args.truth, settings if args.report else None)
     finally:
         client.close()

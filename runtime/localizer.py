@@ -23,6 +23,7 @@ import numpy as np
 from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend
 from diffiml.runtime.bundle import Bundle, load_bundle
+from diffiml.runtime.copy_move import copy_move_probability
 from diffiml.runtime.errors import BackendUnavailableError
 from diffiml.runtime.image_io import DecodedImage, ImageInput, load_image, preprocess, resize_probability
 from diffiml.schedule import ensemble_noise
@@ -70,6 +71,13 @@ class LocalizationResult:
     score: float  # image-level: mean of the top 0.5 % pixel probabilities (a max that one pixel cannot set)
     timings_ms: dict[str, float] = field(default_factory=dict)
     members: int = 0  # ensemble members averaged (fewer than asked when an adaptive ensemble stopped early)
+    # (S, S) float32: the copy-move cue's map where it ran (already fused into model_probability by a max)
+    model_copy_move: np.ndarray | None = None
+
+    @property
+    def copy_move_fraction(self) -> float | None:
+        """Fraction of the image the copy-move cue marked (None: the cue did not run)."""
+        return None if self.model_copy_move is None else float((self.model_copy_move >= 0.5).mean())
 
     @cached_property
     def probability(self) -> np.ndarray:
@@ -125,7 +133,8 @@ def parse_ensemble(ensemble: int | str | None, default: int, adaptive: AdaptiveE
 
 class Localizer:
     def __init__(self, bundle: Bundle, backend: Backend, steps: int, ensemble: int, tta: bool, seed: int,
-                 uncertainty: bool, adaptive: AdaptiveEnsemble | None = None) -> None:
+                 uncertainty: bool, adaptive: AdaptiveEnsemble | None = None, copy_move: bool = True) -> None:
+        """``copy_move``: run the bundle's copy-move cue, if it has one (runtime/copy_move.py)."""
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         self.adaptive = adaptive
@@ -136,6 +145,7 @@ class Localizer:
         self.engines, self.step_loop = backend.engines, backend.step_loop
         self.steps, self.ensemble, self.tta, self.seed, self.uncertainty = steps, ensemble, tta, seed, uncertainty
         self.plan = bundle.plan(steps)
+        self.copy_move = bundle.copy_move_cue if copy_move else None
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
@@ -143,18 +153,20 @@ class Localizer:
     @staticmethod
     def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None,
              ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
-             threads: int | None = None, adaptive: AdaptiveEnsemble | None = None, precision: str = "fp32"
-             ) -> Localizer:
+             threads: int | None = None, adaptive: AdaptiveEnsemble | None = None, precision: str = "fp32",
+             copy_move: bool = True) -> Localizer:
         """Load and verify a bundle (sha256 of every graph) and its engines for ``backend`` at ``precision``
         (``fp32``, or a reduced precision the bundle carries: ``int8`` for CPU, ``fp16`` for CUDA).
 
         ``ensemble``: a member count, or ``"auto"`` / ``"auto:N"`` for an adaptive ensemble of at most N members
-        (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``)."""
+        (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``).
+        ``copy_move=False`` leaves out the bundle's copy-move cue (the model's map alone)."""
         bundle = load_bundle(bundle_dir)
         n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
         engines = open_backend(bundle, backend, threads, precision)
         try:
-            localizer = Localizer(bundle, engines, steps or bundle.default_steps, n, tta, seed, uncertainty, adaptive)
+            localizer = Localizer(bundle, engines, steps or bundle.default_steps, n, tta, seed, uncertainty, adaptive,
+                                  copy_move)
         except BaseException:
             engines.close()
             raise
@@ -192,14 +204,22 @@ class Localizer:
         t3 = time.perf_counter()
         results = []
         for i, d in enumerate(decoded):
-            p = prob[i]
+            p, cue, cue_s = prob[i], None, 0.0
+            if self.copy_move is not None:  # outside the engine lock: threads run it in parallel
+                cue, cue_s = copy_move_probability(d.rgb, self.copy_move, size)
+                p = np.maximum(p, cue)
             results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, image_score(p),
-                                              members=members))
+                                              members=members, model_copy_move=cue))
+            results[-1].timings_ms["copy_move"] = cue_s * 1000.0
+        t4 = time.perf_counter()
         per_image = 1000.0 / len(images)
+        cue_total = sum(r.timings_ms["copy_move"] for r in results) / 1000.0
         for r in results:
+            cue_ms = r.timings_ms.pop("copy_move")
             r.timings_ms = {"decode": (t1 - t0) * per_image, "preprocess": (t2 - t1) * per_image,
                             **{k: v * per_image for k, v in stage.items()},
-                            "postprocess": (time.perf_counter() - t3) * per_image}
+                            **({"copy_move": cue_ms} if self.copy_move is not None else {}),
+                            "postprocess": (t4 - t3 - cue_total) * per_image}
         return results
 
     def _noise_blocks(self, seed: int) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""The classical copy-move cue: it finds translated, rotated and mirrored copies in a textured image, marks source
+and copy, stays silent on an image without copies, and the Localizer fuses it with the model's map."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from diffiml.runtime.bundle import load_bundle
+from diffiml.runtime.copy_move import CopyMoveCue, find_copy_moves
+from diffiml.runtime.errors import BundleError
+from diffiml.runtime.localizer import Localizer
+from diffiml.runtime.metrics import pixel_f1
+
+
+def _texture(seed: int, size: int = 320) -> np.ndarray:
+    """A photo-like texture without repeats: smoothed noise at several scales."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size, 3), np.float32)
+    for sigma, std in ((1.0, 12.0), (3.0, 20.0), (9.0, 30.0)):
+        layer = cv2.GaussianBlur(rng.normal(0, 1, (size, size, 3)).astype(np.float32), (0, 0), sigma)
+        img += std * layer / layer.std()
+    return np.clip(img + 128, 0, 255).astype(np.uint8)
+
+
+def _copy(img: np.ndarray, src: tuple[int, int], dst: tuple[int, int], side: int, how: str = "translate"
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Paste the block at ``src`` to ``dst`` (translated, mirrored or rotated 30° inside a disc); truth marks both."""
+    out = img.copy()
+    (sy, sx), (dy, dx) = src, dst
+    block = img[sy : sy + side, sx : sx + side]
+    disc = np.zeros((side, side), np.uint8)
+    cv2.circle(disc, (side // 2, side // 2), side // 2 - 1, 1, -1)
+    if how == "mirror":
+        block = block[:, ::-1]
+    elif how == "rotate":
+        rot = cv2.getRotationMatrix2D((side / 2, side / 2), 30, 1.0)
+        block = cv2.warpAffine(block, rot, (side, side), flags=cv2.INTER_LINEAR)
+    region = disc.astype(bool)
+    out[dy : dy + side, dx : dx + side][region] = block[region]
+    truth = np.zeros(img.shape[:2], bool)
+    truth[sy : sy + side, sx : sx + side] |= region
+    truth[dy : dy + side, dx : dx + side] |= region
+    return out, truth
+
+
+@pytest.mark.parametrize("how", ["translate", "rotate", "mirror"])
+def test_finds_source_and_copy(how: str) -> None:
+    forged, truth = _copy(_texture(1), (30, 40), (170, 190), 90, how)
+    finding = find_copy_moves(forged, CopyMoveCue())
+    assert finding.transforms >= 1
+    assert pixel_f1(finding.mask.astype(bool), truth) > 0.7
+
+
+def test_mirrored_copies_need_the_mirrored_descriptors() -> None:
+    forged, truth = _copy(_texture(2), (30, 40), (170, 190), 90, "mirror")
+    assert pixel_f1(find_copy_moves(forged, replace(CopyMoveCue(), flips=False)).mask.astype(bool), truth) < 0.3
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_silent_without_a_copy(seed: int) -> None:
+    finding = find_copy_moves(_texture(seed), CopyMoveCue())
+    assert finding.transforms == 0 and not finding.mask.any()
+
+
+def test_large_inputs_are_worked_on_reduced() -> None:
+    forged, truth = _copy(_texture(5, 640), (60, 80), (340, 380), 180)
+    mask = find_copy_moves(forged, replace(CopyMoveCue(), max_side=320)).mask
+    assert mask.shape == (320, 320)
+    assert pixel_f1(cv2.resize(mask, (640, 640), interpolation=cv2.INTER_NEAREST) > 0, truth) > 0.7
+
+
+def _bundle_copy(tiny_bundle: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_localizer_fuses_the_cue_by_max(tiny_bundle: Path) -> None:
+    assert load_bundle(tiny_bundle).copy_move_cue == CopyMoveCue()  # the exporter enables it by default
+    forged, truth = _copy(_texture(6), (30, 40), (170, 190), 90)
+    with Localizer.open(tiny_bundle, backend="ort-cpu", ensemble=2) as with_cue, \
+            Localizer.open(tiny_bundle, backend="ort-cpu", ensemble=2, copy_move=False) as model_only:
+        fused, alone = with_cue.localize(forged), model_only.localize(forged)
+    assert alone.model_copy_move is None and alone.copy_move_fraction is None
+    np.testing.assert_array_equal(fused.model_probability,
+                                  np.maximum(alone.model_probability, fused.model_copy_move))
+    cue = cv2.resize(fused.model_copy_move, truth.shape[::-1], interpolation=cv2.INTER_LINEAR) >= 0.5
+    assert pixel_f1(cue, truth) > 0.6 and fused.copy_move_fraction > 0.1  # (the tiny model's own map is random)
+    assert "copy_move" in fused.timings_ms and "copy_move" not in alone.timings_ms
+
+
+def test_manifest_settings_are_checked(tiny_bundle: Path, tmp_path: Path) -> None:
+    def other_method(m: dict) -> None:
+        m["copy_move_cue"]["method"] = "patchmatch"
+
+    def unknown_setting(m: dict) -> None:
+        m["copy_move_cue"]["octaves"] = 3
+
+    for i, edit in enumerate((other_method, unknown_setting)):
+        with pytest.raises(BundleError, match="copy_move_cue"):
+            load_bundle(_bundle_copy(tiny_bundle, tmp_path / str(i), edit))
+
+
+def test_version_3_bundles_load_without_the_cue(tiny_bundle: Path, tmp_path: Path) -> None:
+    def version3(m: dict) -> None:
+        m["format_version"] = 3
+        del m["copy_move_cue"]
+
+    bundle = load_bundle(_bundle_copy(tiny_bundle, tmp_path, version3))
+    assert bundle.copy_move_cue is None
