@@ -35,7 +35,7 @@ METHOD = "sift-g2nn-affine-ncc"
 class CopyMoveCue:
     """The cue's settings, as a bundle's manifest records them (``copy_move_cue``). Chosen on a synthetic split
     (``diffiml bench copy-move-cue``), never on the real evaluation images: the copy-move F1 that keeps false alarms
-    on authentic photos at about 5 %."""
+    on authentic photos at or under about 5 % (benchmarks/RESULTS.md)."""
 
     max_side: int = 1024  # work on at most this many pixels on the long side (SIFT cost grows with the area)
     ratio: float = 0.5  # g2NN: accept the k-th neighbour while d_k / d_{k+1} < ratio
@@ -49,6 +49,7 @@ class CopyMoveCue:
     min_region: float = 0.0005  # fraction of the image: smaller verified regions are dropped
     flips: bool = True
     max_keypoints: int = 4000
+    contrast_threshold: float = 0.01  # SIFT's: lower finds keypoints in weaker texture (small, flat copies)
 
     def manifest(self) -> dict[str, Any]:
         return {"method": METHOD, **asdict(self)}
@@ -91,7 +92,7 @@ def _g2nn(query: np.ndarray, train: np.ndarray, ratio: float, k: int, same: bool
 
 def keypoint_pairs(gray: np.ndarray, cue: CopyMoveCue) -> np.ndarray:
     """(P, 2, 2) float32: matched keypoint positions (x, y) within the image, mirrored matches included."""
-    sift = cv2.SIFT_create(nfeatures=cue.max_keypoints)
+    sift = cv2.SIFT_create(nfeatures=cue.max_keypoints, contrastThreshold=cue.contrast_threshold)
     keypoints, desc = sift.detectAndCompute(gray, None)
     if desc is None or len(keypoints) < 3:
         return np.zeros((0, 2, 2), np.float32)
