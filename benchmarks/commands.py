@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -157,6 +158,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--size", type=int, default=20000, help="side of the square test JPEG in pixels")
     m.add_argument("--out", required=True)
     m.set_defaults(handler=memory)
+
+    n = bench.add_parser("scan", help="images/s of localize's loop vs diffiml scan on a local Ray, 1..N actors")
+    n.add_argument("--bundle", default="engines/default")
+    n.add_argument("--images", default=None, help="a folder of images (default: N photos or example crops)")
+    n.add_argument("--photos", default="../shared/data/photos", help="where the default images come from, if there")
+    n.add_argument("--n", type=int, default=16, help="how many images the default set has")
+    n.add_argument("--actors", default="1,2", help="actor counts to time (threads per actor: cores / actors)")
+    n.add_argument("--steps", type=int, default=None)
+    n.add_argument("--ensemble", type=int, default=None)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--no-copy-move", dest="copy_move", action="store_false")
+    n.add_argument("--rounds", type=int, default=3, help="rounds alternating the modes (median reported)")
+    n.add_argument("--out", required=True)
+    n.set_defaults(handler=scan_bench)
 
 
 def _check_names(names: list[str], data: list[str]) -> None:
@@ -404,3 +419,29 @@ def gpu_check(args: argparse.Namespace) -> int:
     print(json.dumps(report["check"]))
     failed = [p for p, r in report["check"].items() if isinstance(r, dict) and r.get("passed") is False]
     return 1 if failed else 0
+
+
+def scan_bench(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from diffiml.benchmarks.scan_bench import bench_scan, sample_images, to_markdown
+    from diffiml.runtime.commands import expand_inputs
+
+    work = Path(tempfile.mkdtemp(prefix="scan-bench-"))
+    try:
+        images = expand_inputs([args.images]) if args.images else sample_images(
+            work / "images", args.n, Path(args.photos), Path(__file__).resolve().parents[1] / "examples")
+        rows = bench_scan(args.bundle, images, work, [int(a) for a in args.actors.split(",")], args.steps,
+                          args.ensemble, args.seed, args.copy_move, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _report(args.out, "scan", rows, to_markdown(rows, (
+        f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({len(images)} images, "
+        f"{os.cpu_count()} CPU cores shared with other work (1-minute load averages per run in the table), ort-cpu). "
+        "Steady ms/image: (last image done - first image done) / (n - 1), the median over rounds that alternate the "
+        "modes; overhead: scan's steady ms/image minus localize's, and that in % of localize's; cpu_ms_per_image: CPU "
+        "time of the mode's process tree (driver, raylet, tasks, actors) per image after its first image (scan: "
+        "batch); first_image_s includes opening the bundle (and, for scan, starting the pipeline and its actors; "
+        "Ray's own start is ray_init_s in the JSON).")))
+    return 0

@@ -70,6 +70,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this are rejected at once")
     s.set_defaults(handler=serve)
 
+    from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
+
+    add_scan_parser(sub)
+
 
 def serve(args: argparse.Namespace) -> int:
     from diffiml.runtime.serving import ServeOptions
