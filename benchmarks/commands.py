@@ -440,7 +440,9 @@ def scan_bench(args: argparse.Namespace) -> int:
         f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({len(images)} images, "
         f"{os.cpu_count()} CPU cores shared with other work (1-minute load averages per run in the table), ort-cpu). "
         "Steady ms/image: (last image done - first image done) / (n - 1), the median over rounds that alternate the "
-        "modes; overhead: scan's steady ms/image minus localize's, and that in % of localize's; cpu_ms_per_image: CPU "
+        "modes; overhead: scan's steady ms/image minus localize's (as shipped: onnxruntime threads spinning), and "
+        "that in % of localize's; overhead_vs_same_threads_pct: against localize with its threads not spinning, as "
+        "scan's actors run (Ray's own cost apart from that setting); cpu_ms_per_image: CPU "
         "time of the mode's process tree (driver, raylet, tasks, actors) per image after its first image (scan: "
         "batch); first_image_s includes opening the bundle (and, for scan, starting the pipeline and its actors; "
         "Ray's own start is ray_init_s in the JSON).")))

@@ -163,6 +163,17 @@ def bench_scan(bundle: str, images: list[Path], out: Path, actor_counts: list[in
     for r in range(rounds):
         row = time_localize(bundle, images, out / f"localize_{r}", settings, cores)
         runs.setdefault(row["mode"], []).append({**row, "load_avg_1min": round(os.getloadavg()[0], 2)})
+        # The same loop with onnxruntime's threads sleeping between parallel sections, as scan's actors run them
+        # (runtime/scan_worker.py): Ray's own cost, apart from that setting.
+        previous = os.environ.get("DIFFIML_ORT_SPINNING")
+        os.environ["DIFFIML_ORT_SPINNING"] = "0"
+        try:
+            row = time_localize(bundle, images, out / f"localize_nospin_{r}", settings, cores)
+        finally:
+            os.environ.pop("DIFFIML_ORT_SPINNING") if previous is None else os.environ.update(
+                DIFFIML_ORT_SPINNING=previous)
+        row["mode"] = "localize, threads not spinning (as scan's actors)"
+        runs.setdefault(row["mode"], []).append({**row, "load_avg_1min": round(os.getloadavg()[0], 2)})
         for actors in actor_counts:
             t0 = time.perf_counter()
             started = connect(None)
@@ -189,12 +200,17 @@ def bench_scan(bundle: str, images: list[Path], out: Path, actor_counts: list[in
         row["overhead_pct"] = round(100 * (row["steady_ms_per_image"] - base) / base, 1)
         row["cpu_overhead_ms_per_image"] = round(row["cpu_ms_per_image"] - base_cpu, 1)
         row["cpu_overhead_pct"] = round(100 * (row["cpu_ms_per_image"] - base_cpu) / base_cpu, 1)
+    same = next(r["steady_ms_per_image"] for r in rows if r["mode"].startswith("localize, threads not spinning"))
+    for row in rows:
+        if row["mode"].startswith("scan"):
+            row["overhead_vs_same_threads_pct"] = round(100 * (row["steady_ms_per_image"] - same) / same, 1)
     return rows
 
 
 def to_markdown(rows: list[dict[str, Any]], note: str) -> str:
     cols = ["mode", "actors", "threads_per_actor", "images", "rounds", "steady_ms_per_image",
             "steady_ms_per_image_each", "steady_images_per_s", "overhead_ms_per_image", "overhead_pct",
+            "overhead_vs_same_threads_pct",
             "cpu_ms_per_image", "cpu_overhead_ms_per_image", "cpu_overhead_pct", "first_image_s",
             "load_avg_1min_each"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
