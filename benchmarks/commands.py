@@ -438,7 +438,8 @@ def scan_bench(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     _report(args.out, "scan", rows, to_markdown(rows, (
         f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({len(images)} images, "
-        f"{os.cpu_count()} CPU cores shared with other work (1-minute load averages per run in the table), ort-cpu). "
+        f"{os.cpu_count()} CPU cores (the 1-minute load average of each run is in the table: about the bench's own "
+        f"threads when nothing else runs), ort-cpu). "
         "Steady ms/image: (last image done - first image done) / (n - 1), the median over rounds that alternate the "
         "modes; overhead: scan's steady ms/image minus localize's (as shipped: onnxruntime threads spinning), and "
         "that in % of localize's; overhead_vs_same_threads_pct: against localize with its threads not spinning, as "

@@ -63,14 +63,26 @@ class CopyMoveCue:
         unknown = set(entry) - known - {"method"}
         if unknown:
             raise BundleError(f"{where}: copy_move_cue has settings this runtime does not know: {sorted(unknown)}")
-        try:
-            return CopyMoveCue(**{k: v for k, v in entry.items() if k != "method"})
-        except TypeError as exc:
-            raise BundleError(f"{where}: copy_move_cue: {exc}") from None
+        defaults, values = CopyMoveCue(), {}
+        for f in fields(CopyMoveCue):
+            default = getattr(defaults, f.name)
+            value = entry.get(f.name, default)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            else:  # a number >= 0; an integer setting takes only whole numbers
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and (
+                    isinstance(default, float) or float(value).is_integer())
+            if not ok:
+                kind = "boolean" if isinstance(default, bool) else f"{type(default).__name__} >= 0"
+                raise BundleError(f"{where}: copy_move_cue.{f.name} must be a {kind}, got {value!r}")
+            values[f.name] = type(default)(value)
+        return CopyMoveCue(**values)
 
 
 @dataclass
 class CopyMoveFinding:
+    """What the cue found in one image (the counts say why a mask is empty: no pairs, or none verified)."""
+
     mask: np.ndarray  # (h, w) uint8 0/1 at the working size: source and copies
     transforms: int  # verified copy transforms (0: nothing found)
     pairs: int  # keypoint pairs that passed the ratio test
@@ -116,7 +128,6 @@ def copy_transforms(pairs: np.ndarray, cue: CopyMoveCue) -> list[tuple[np.ndarra
     both = np.concatenate([pairs, pairs[:, ::-1]])
     open_pairs = np.ones(len(pairs), bool)
     found: list[tuple[np.ndarray, np.ndarray]] = []
-    cv2.setRNGSeed(0)  # RANSAC's draws: the same image gives the same map
     for _ in range(cue.max_transforms + 2):  # a couple of rejected (degenerate) fits may come first
         if len(found) == cue.max_transforms:
             break
@@ -175,12 +186,14 @@ def verify_regions(gray: np.ndarray, transforms: list[tuple[np.ndarray, np.ndarr
 
 
 def find_copy_moves(rgb: np.ndarray, cue: CopyMoveCue) -> CopyMoveFinding:
-    """The cue on one RGB uint8 image; the mask is at the working size (long side at most ``cue.max_side``)."""
+    """The cue on one RGB (or grey) uint8 image; the mask is at the working size (long side at most
+    ``cue.max_side``)."""
     h0, w0 = rgb.shape[:2]
     s = min(1.0, cue.max_side / max(h0, w0))
     small = cv2.resize(rgb, (max(1, round(w0 * s)), max(1, round(h0 * s))), interpolation=cv2.INTER_AREA) \
         if s < 1 else rgb
-    gray = cv2.cvtColor(np.ascontiguousarray(small), cv2.COLOR_RGB2GRAY)
+    gray = np.ascontiguousarray(small) if small.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(small),
+                                                                            cv2.COLOR_RGB2GRAY)
     pairs = keypoint_pairs(gray, cue)
     transforms = copy_transforms(pairs, cue) if len(pairs) else []
     mask = verify_regions(gray, transforms, cue) if transforms else np.zeros(gray.shape, np.uint8)

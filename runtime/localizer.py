@@ -202,24 +202,22 @@ class Localizer:
         t2 = time.perf_counter()
         prob, unc, stage, members = self._infer(x, seeds)
         t3 = time.perf_counter()
-        results = []
+        results, cue_seconds = [], []
         for i, d in enumerate(decoded):
-            p, cue, cue_s = prob[i], None, 0.0
-            if self.copy_move is not None:  # outside the engine lock: threads run it in parallel
-                cue, cue_s = copy_move_probability(d.rgb, self.copy_move, size)
+            p, cue = prob[i], None
+            if self.copy_move is not None:  # outside the engine lock: callers' threads overlap it with inference
+                cue, seconds = copy_move_probability(d.rgb, self.copy_move, size)
+                cue_seconds.append(seconds)
                 p = np.maximum(p, cue)
             results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, image_score(p),
                                               members=members, model_copy_move=cue))
-            results[-1].timings_ms["copy_move"] = cue_s * 1000.0
         t4 = time.perf_counter()
         per_image = 1000.0 / len(images)
-        cue_total = sum(r.timings_ms["copy_move"] for r in results) / 1000.0
-        for r in results:
-            cue_ms = r.timings_ms.pop("copy_move")
+        for i, r in enumerate(results):
             r.timings_ms = {"decode": (t1 - t0) * per_image, "preprocess": (t2 - t1) * per_image,
                             **{k: v * per_image for k, v in stage.items()},
-                            **({"copy_move": cue_ms} if self.copy_move is not None else {}),
-                            "postprocess": (t4 - t3 - cue_total) * per_image}
+                            **({"copy_move": cue_seconds[i] * 1000.0} if cue_seconds else {}),
+                            "postprocess": (t4 - t3 - sum(cue_seconds)) * per_image}
         return results
 
     def _noise_blocks(self, seed: int) -> np.ndarray:

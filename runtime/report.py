@@ -72,10 +72,12 @@ def write_localize_run(out_dir: Path, settings: dict[str, Any], records: list[di
     ``localize --report`` run. ``records`` are localize's JSON records (+ width, height) or {path, error}."""
     rows = []
     for record in records:
-        row = {k: record.get(k) for k in ("path", "score", "manipulated_fraction", "members", "backend", "width",
-                                          "height", "timings_ms")}
+        row = {k: record.get(k) for k in ("path", "score", "manipulated_fraction", "members", "copy_move_fraction",
+                                          "backend", "width", "height", "timings_ms")}
         row["error"] = record.get("error")
-        row["outputs"] = {kind: _relative(out_dir, p) or str(p) for kind, p in (record.get("outputs") or {}).items()}
+        # localize's paths are relative to the working folder (or absolute), not to out_dir
+        row["outputs"] = {kind: _relative(out_dir, os.path.abspath(p)) or str(p)
+                          for kind, p in (record.get("outputs") or {}).items()}
         try:
             row["sha256"] = None if row["error"] else sha256_of(record["path"])
         except OSError:

@@ -205,16 +205,17 @@ def scan(args: argparse.Namespace) -> int:
     from diffiml.runtime.scan_inputs import list_inputs
 
     check_counts(args.actors, args.threads_per_actor, args.batch_size)
+    try:  # before anything is listed or created: without them nothing can run
+        import pyarrow  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError:
+        raise DiffimlError("diffiml scan needs Ray Data and pyarrow: pip install 'diffiml[scan]'") from None
     settings = scan_settings(args)
     inputs = list_inputs(args.inputs)
     if not inputs:
         raise DiffimlError("no input images matched")
     out = _output_folder(args.out)
     _check_same_settings(out, settings)
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise DiffimlError("diffiml scan needs Ray Data: pip install 'diffiml[scan]'") from None
     settings["run_id"] = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
     started = connect(args.address)
     try:
@@ -236,20 +237,12 @@ def scan(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "inputs": summary.inputs, "localized": summary.localized,
                       "failed": summary.failed, "skipped": summary.skipped, "run_id": settings["run_id"]}))
     if args.report:
-        _write_report(out)
+        from diffiml.runtime.report import write_report
+
+        print(f"diffiml scan: report {write_report(out)}", file=sys.stderr)
     if summary.missing:
         print(f"diffiml scan: {len(summary.missing)} inputs have no row (first: {summary.missing[0]}); run the same "
               "command again", file=sys.stderr)
         return 1
     return 0
 
-
-def _write_report(out: Path) -> None:
-    try:
-        from diffiml.runtime.report import write_report
-    except ModuleNotFoundError as exc:
-        if exc.name != "diffiml.runtime.report":
-            raise
-        print("diffiml scan: --report: this diffiml has no report module", file=sys.stderr)
-        return
-    print(f"diffiml scan: report {write_report(out)}", file=sys.stderr)

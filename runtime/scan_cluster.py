@@ -32,9 +32,10 @@ class Layout:
 def choose_layout(resources: dict[str, float], backend: str = "auto", actors: int | None = None,
                   threads: int | None = None, batch_size: int | None = None, inputs: int | None = None) -> Layout:
     """Defaults from ``ray.cluster_resources()``: one actor per GPU where there are GPUs (and the backend may use
-    them), else one single-threaded actor per CPU (on 2 cores, 2 actors x 1 thread localized 1.4x the images per
-    second of 1 x 2 and spent a third less CPU per image: ``diffiml bench scan``); overrides win. Actors share what
-    the reads leave. The default batch shrinks for few ``inputs`` so every actor gets at least two batches."""
+    them), else one single-threaded actor per CPU (on 2 cores, 2 actors x 1 thread localized 1.4x the images
+    per second of 1 x 2 and spent about a quarter less CPU per image: ``diffiml bench scan``); overrides win.
+    Actors share what the reads leave. The default batch shrinks for few ``inputs`` so every actor gets at least two
+    batches."""
     check_counts(actors, threads, batch_size)
     cpus = max(float(resources.get("CPU", 1.0)), 1.0)
     gpus = int(resources.get("GPU", 0)) if backend != "ort-cpu" else 0

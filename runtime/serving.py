@@ -107,8 +107,9 @@ class InstanceModel:
     """One Triton model instance: its own engines (sessions, buffers) and one Localizer per settings over them.
     Triton calls an instance from one thread at a time; several instances run side by side."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, stats: ServeStats | None = None) -> None:
-        self.bundle, self.backend = bundle, backend
+    def __init__(self, bundle: Bundle, backend: Backend, stats: ServeStats | None = None,
+                 copy_move: bool = True) -> None:
+        self.bundle, self.backend, self.copy_move = bundle, backend, copy_move
         self.bundle_sha256 = bundle.sha256s
         self.stats = stats or ServeStats(self.bundle_sha256)
         self._localizers: OrderedDict[tuple[int, int, bool], Localizer] = OrderedDict()
@@ -122,7 +123,8 @@ class InstanceModel:
         else:
             if len(self._localizers) >= LOCALIZER_CACHE:
                 self._localizers.popitem(last=False)
-            self._localizers[key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, 0, s.uncertainty)
+            self._localizers[key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, 0, s.uncertainty,
+                                              copy_move=self.copy_move)
         return self._localizers[key]
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -249,6 +251,7 @@ class ServeOptions:
     queue_timeout_s: float = 60.0  # a request still queued after this is rejected (a client may ask for less)
     max_queue: int = 256  # requests queued beyond this are rejected at once, not held
     stats_port: int | None = 8003  # our own /metrics (rows served and failed, bundle sha256s); None: off
+    copy_move: bool = True  # the bundle's copy-move cue, if it has one (CPU, per image, in the instance's thread)
 
 
 def open_instances(options: ServeOptions) -> list[InstanceModel]:
@@ -263,7 +266,7 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     # Instances go round-robin over the GPUs this process sees (one GPU, or none: all on device 0 / the CPU).
     gpus = max(1, device_count()) if options.backend != "ort-cpu" else 1
     models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision, i % gpus),
-                            stats) for i in range(options.instances)]
+                            stats, options.copy_move) for i in range(options.instances)]
     if gpus > 1:
         log.info("%d instances over %d GPUs", options.instances, gpus)
     for model in models:

@@ -63,6 +63,12 @@ def test_mirrored_copies_need_the_mirrored_descriptors() -> None:
     assert pixel_f1(find_copy_moves(forged, replace(CopyMoveCue(), flips=False)).mask.astype(bool), truth) < 0.3
 
 
+def test_grey_images_are_read_as_they_are() -> None:
+    forged, truth = _copy(_texture(7), (30, 40), (170, 190), 90)
+    grey = cv2.cvtColor(forged, cv2.COLOR_RGB2GRAY)
+    assert pixel_f1(find_copy_moves(grey, CopyMoveCue()).mask.astype(bool), truth) > 0.7
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_silent_without_a_copy(seed: int) -> None:
     finding = find_copy_moves(_texture(seed), CopyMoveCue())
@@ -106,7 +112,17 @@ def test_manifest_settings_are_checked(tiny_bundle: Path, tmp_path: Path) -> Non
     def unknown_setting(m: dict) -> None:
         m["copy_move_cue"]["octaves"] = 3
 
-    for i, edit in enumerate((other_method, unknown_setting)):
+    def text_for_a_number(m: dict) -> None:
+        m["copy_move_cue"]["max_side"] = "1024"
+
+    def text_for_a_boolean(m: dict) -> None:
+        m["copy_move_cue"]["flips"] = "no"
+
+    def fraction_for_a_count(m: dict) -> None:
+        m["copy_move_cue"]["min_inliers"] = 5.5
+
+    for i, edit in enumerate((other_method, unknown_setting, text_for_a_number, text_for_a_boolean,
+                              fraction_for_a_count)):
         with pytest.raises(BundleError, match="copy_move_cue"):
             load_bundle(_bundle_copy(tiny_bundle, tmp_path / str(i), edit))
 

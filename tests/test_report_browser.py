@@ -146,7 +146,8 @@ def test_report_command_on_a_folder_without_a_run_is_one_line(tmp_path, capsys, 
 
 @pytest.fixture(scope="module")
 def localized(tiny_bundle, tmp_path_factory):
-    """Three images (one name with a space and '#') and one broken file through the real CLI with --report."""
+    """Three images (one name with a space and '#') and one broken file through the real CLI with --report, into a
+    relative --out (localize names its maps relative to the working folder; the report must not)."""
     src = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(11)
     names = ["plain.png", "a b#1.png", "third.jpg"]
@@ -155,9 +156,9 @@ def localized(tiny_bundle, tmp_path_factory):
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     out = tmp_path_factory.mktemp("localized")
     done = subprocess.run([sys.executable, "-m", "diffiml.cli", "localize", *(str(src / n) for n in names),
-                           str(src / "broken.png"), "--bundle", str(tiny_bundle), "--out", str(out),
+                           str(src / "broken.png"), "--bundle", str(tiny_bundle), "--out", out.name,
                            "--backend", "ort-cpu", "--uncertainty", "--report"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=out.parent)
     return src, out, done
 
 

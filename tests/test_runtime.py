@@ -37,6 +37,13 @@ def test_runtime_never_imports_torch(tiny_bundle, tmp_path):
     assert out.stdout.strip() == "False"
 
 
+def test_the_command_line_loads_neither_ray_nor_pyarrow_nor_torch_until_a_command_needs_them():
+    code = ("import sys; from diffiml.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('ray', 'pyarrow', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_runtime_modules_import_nothing_of_train_export_or_torch():
     """The one-way import rule, read from the source: runtime -> nothing of ours that needs torch."""
     import ast

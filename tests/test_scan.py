@@ -125,7 +125,8 @@ def test_every_input_has_one_row_and_bad_ones_say_why(local_scan, mixed_folder):
 
 
 def test_maps_are_the_bytes_localize_writes_for_the_same_seed(local_scan, mixed_folder, tiny_bundle, tmp_path,
-                                                              capsys):
+                                                              capsys, monkeypatch):
+    monkeypatch.setenv("DIFFIML_THREADS", "1")  # as the scan's actors run: one onnxruntime thread each
     out, _ = local_scan
     _, good, _ = mixed_folder
     rows = {r["path"]: r for r in read_scan_table(out)}
@@ -149,7 +150,8 @@ def test_equal_stems_in_different_folders_get_different_map_names(local_scan, mi
 
 
 def test_the_report_reads_the_scan_table(local_scan, mixed_folder):
-    report = pytest.importorskip("diffiml.runtime.report")
+    from diffiml.runtime import report
+
     out, _ = local_scan
     _, good, bad = mixed_folder
     page = report.write_report(out).read_text()
@@ -314,11 +316,13 @@ def test_a_killed_worker_costs_its_batch_not_the_job(big_folder, tiny_bundle, tm
         workers = [p for p in _session_processes(proc.pid)
                    if b"ScanWorker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(workers) == 1
+        before_kill = read_all_rows(out).num_rows
         os.kill(workers[0], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         _end_session(proc.pid, wait_s=0)
     assert proc.returncode == 0, stderr.decode()
+    assert before_kill < 16  # the actor died with images left to do: a replacement finished them
     rows = read_all_rows(out).to_pylist()
     assert len(rows) == 16 and len({r["path"] for r in rows}) == 16 and all(r["error"] is None for r in rows)
     assert json.loads(stdout.decode().splitlines()[-1])["localized"] == 16

@@ -3,7 +3,8 @@ on a few images): a folder of N images, a tenth of them bad, scanned once withou
 (SIGKILL of the driver's process group) half-way and run again into the same folder. Prints whether every input has
 exactly one row and whether the two tables agree (rows, scores, mask PNG bytes).
 
-    python tools/scan_kill_check.py --photos PHOTO_DIR --n 200 --work /tmp/scan-check [-- extra scan arguments]
+    python tools/scan_kill_check.py --photos PHOTO_DIR --n 200 --work /tmp/scan-check [--json RESULT.json]
+        [-- extra scan arguments]
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> int:
     parser.add_argument("--photos", required=True)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--work", required=True, help="an empty or missing folder for the images and both scans")
+    parser.add_argument("--json", default=None, help="also write the result here (atomically)")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     work = Path(args.work)
@@ -87,6 +89,17 @@ def main() -> int:
     paths = {str(p.resolve()) for p in inputs}
     one_row_each = set(a) == paths == set(b) and all(len(v) == 1 for v in (*a.values(), *b.values()))
     same = {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
+    result = {"inputs": len(inputs), "bad": args.n // 10, "uninterrupted_exit": whole_rc,
+              "uninterrupted_s": round(whole_s, 1), "killed_after_rows": killed_rows, "killed_exit": killed_rc,
+              "rerun_exit": rerun_rc, "one_row_per_input_in_both": one_row_each,
+              "same_rows_scores_errors_mask_bytes": same, "scan_arguments": extra,
+              "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        import json
+
+        from diffiml.files import write_text_atomic
+
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
     print(f"inputs {len(inputs)} ({args.n // 10} bad); uninterrupted: exit {whole_rc}, {whole_s:.0f} s; killed after "
           f"{killed_rows} rows (exit {killed_rc}), rerun exit {rerun_rc}; every input exactly one row in both: "
           f"{one_row_each}; same rows, scores, errors and mask bytes: {same}")
