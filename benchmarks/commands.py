@@ -10,6 +10,7 @@ from datetime import date
 from pathlib import Path
 
 from diffiml.files import write_text_atomic
+from diffiml.runtime.commands import add_copy_move_option
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble-tolerance", type=float, default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
     p.add_argument("--tta", action="store_true")
-    p.add_argument("--no-copy-move", dest="copy_move", action="store_false",
-                   help="leave out the bundle's classical copy-move cue (the score-based model's map alone)")
+    add_copy_move_option(p)
     p.add_argument("--backend", default="auto")
     p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
                    help="score a discriminative-baseline checkpoint (Table 5) instead of the bundle")
@@ -168,7 +168,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--steps", type=int, default=None)
     n.add_argument("--ensemble", type=int, default=None)
     n.add_argument("--seed", type=int, default=0)
-    n.add_argument("--no-copy-move", dest="copy_move", action="store_false")
+    add_copy_move_option(n)
     n.add_argument("--rounds", type=int, default=3, help="rounds alternating the modes (median reported)")
     n.add_argument("--out", required=True)
     n.set_defaults(handler=scan_bench)

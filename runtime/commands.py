@@ -36,8 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-copy-move", dest="copy_move", action="store_false",
-                   help="leave out the bundle's classical copy-move cue (the score-based model's map alone)")
+    add_copy_move_option(p)
     p.add_argument("--reference", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="run the PyTorch reference sampler (imports torch) on CHECKPOINT, or on the bundle's own")
     p.add_argument("--truth", default=None, help="a true mask for a single input: prints the F1 against it")
@@ -68,13 +67,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queue-timeout", type=float, default=60.0,
                    help="seconds a request may wait in Triton's queue before it is rejected")
     s.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this are rejected at once")
-    s.add_argument("--no-copy-move", dest="copy_move", action="store_false",
-                   help="leave out the bundle's copy-move cue (it costs 0.2-0.4 s of CPU per image, image by image)")
+    add_copy_move_option(s, "it costs 0.2-0.4 s of CPU per image, one image after another")
     s.set_defaults(handler=serve)
 
     from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
 
     add_scan_parser(sub)
+
+
+def add_copy_move_option(parser: argparse.ArgumentParser, why: str = "the score-based model's map alone") -> None:
+    """``--no-copy-move`` (into ``args.copy_move``), the same for every command that opens a bundle."""
+    parser.add_argument("--no-copy-move", dest="copy_move", action="store_false",
+                        help=f"leave out the bundle's classical copy-move cue ({why})")
 
 
 def serve(args: argparse.Namespace) -> int:

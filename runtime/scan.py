@@ -54,7 +54,7 @@ class ScanSummary:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from diffiml.runtime.commands import DEFAULT_BUNDLE
+    from diffiml.runtime.commands import DEFAULT_BUNDLE, add_copy_move_option
 
     p = sub.add_parser("scan", help="localize many images on Ray Data (local or a cluster), resumable, into a table")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -69,8 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-copy-move", dest="copy_move", action="store_false",
-                   help="leave out the bundle's classical copy-move cue (the score-based model's map alone)")
+    add_copy_move_option(p)
     p.add_argument("--address", default=None,
                    help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray started for this scan)")
     p.add_argument("--actors", type=int, default=None, help="Localizer actors (default: from the cluster's CPUs/GPUs)")

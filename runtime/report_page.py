@@ -1,0 +1,122 @@
+"""The report page's template: its CSS, its script (which draws one page of rows at a time from the embedded JSON)
+and the HTML around them. Static text, kept apart from the code that fills it (runtime/report.py)."""
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin:0 0 .5em}h2{font-size:1.1em}
+table.settings th{text-align:left;padding-right:1em;font-weight:600}
+table.settings td{font-family:monospace;word-break:break-all}
+.counts{font-size:1.1em}
+#failures{background:#fff3f3;border:1px solid #e0b4b4;padding:.5em 1em;max-height:20em;overflow:auto}
+#failures .why{color:#a00}
+.pager{margin:1em 0;display:flex;gap:1em;align-items:center}
+#ranked{border-collapse:collapse;width:100%;background:#fff}
+#ranked th,#ranked td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
+#ranked td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.thumb{width:160px;height:160px;object-fit:contain;background:#eee;display:block}
+.path{font-family:monospace;word-break:break-all}
+.sha{font-family:monospace;color:#666;font-size:.85em;word-break:break-all}
+.maps a{margin-right:.6em}
+"""
+
+SCRIPT = """
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("report-data").textContent);
+  var rows = data.rows, size = data.page_size, pages = Math.max(1, Math.ceil(rows.length / size));
+  var body = document.getElementById("rows");
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function current() {
+    var m = /page=(\\d+)/.exec(location.hash), p = m ? parseInt(m[1], 10) : 1;
+    return Math.min(Math.max(p, 1), pages);
+  }
+  function thumb(src, full, alt) {
+    if (!src) return el("span", "none", "\\u2014");
+    var a = el("a"), img = el("img", "thumb");
+    a.href = full || src;
+    img.loading = "lazy";
+    img.decoding = "async";
+    img.alt = alt;
+    img.src = src;
+    a.appendChild(img);
+    return a;
+  }
+  function fixed(x, digits) { return x === null || x === undefined ? "\\u2014" : x.toFixed(digits); }
+  function render() {
+    var p = current(), first = (p - 1) * size, shown = rows.slice(first, first + size);
+    var frag = document.createDocumentFragment();
+    shown.forEach(function (r) {
+      var links = {}, tr = el("tr", "row"), td;
+      r.l.forEach(function (kv) { links[kv[0]] = kv[1]; });
+      tr.appendChild(el("td", "num rank", r.r));
+      td = el("td"); td.appendChild(thumb(r.t, links.overlay, "overlay of " + r.p)); tr.appendChild(td);
+      td = el("td"); td.appendChild(thumb(r.u, links.uncertainty, "uncertainty of " + r.p)); tr.appendChild(td);
+      tr.appendChild(el("td", "num score", fixed(r.s, 4)));
+      tr.appendChild(el("td", "num fraction", r.f === null ? "\\u2014" : (100 * r.f).toFixed(2) + " %"));
+      tr.appendChild(el("td", "num size", r.w && r.h ? r.w + " \\u00d7 " + r.h : "\\u2014"));
+      tr.appendChild(el("td", "num members", r.m));
+      td = el("td");
+      td.appendChild(el("div", "path", r.p));
+      var sha = el("div", "sha", r.sha ? "sha256 " + r.sha : "");
+      td.appendChild(sha);
+      tr.appendChild(td);
+      td = el("td", "maps");
+      r.l.forEach(function (kv) { var a = el("a", null, kv[0]); a.href = kv[1]; td.appendChild(a); });
+      tr.appendChild(td);
+      frag.appendChild(tr);
+    });
+    body.replaceChildren(frag);
+    var text = rows.length ? "rows " + (first + 1) + "\\u2013" + (first + shown.length) + " of " + rows.length +
+      " \\u00b7 page " + p + " of " + pages : "no localized images";
+    document.querySelectorAll(".where").forEach(function (e) { e.textContent = text; });
+    document.querySelectorAll("button.prev").forEach(function (b) { b.disabled = p <= 1; });
+    document.querySelectorAll("button.next").forEach(function (b) { b.disabled = p >= pages; });
+    document.body.setAttribute("data-page", String(p));
+  }
+  function go(delta) { location.hash = "page=" + (current() + delta); }
+  document.querySelectorAll("button.prev").forEach(function (b) { b.onclick = function () { go(-1); }; });
+  document.querySelectorAll("button.next").forEach(function (b) { b.onclick = function () { go(1); }; });
+  window.addEventListener("hashchange", function () { render(); window.scrollTo(0, 0); });
+  render();
+})();
+"""
+
+PAGER = ('<nav class="pager"><button type="button" class="prev">&larr; previous</button>'
+          '<span class="where"></span><button type="button" class="next">next &rarr;</button></nav>')
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>{title}</title>
+<style>{style}</style>
+</head>
+<body>
+<header>
+<h1>{title}</h1>
+<table class="settings">
+{settings}
+</table>
+<p class="counts"><strong id="n-done">{done}</strong> done &middot; <strong id="n-failed">{failed}</strong> failed</p>
+</header>
+{failures}
+""" + PAGER + """
+<table id="ranked">
+<thead><tr><th>rank</th><th>overlay</th><th>uncertainty</th><th>score</th><th>manipulated</th><th>size</th>
+<th>members</th><th>image</th><th>maps</th></tr></thead>
+<tbody id="rows"></tbody>
+</table>
+""" + PAGER + """
+<noscript>The ranked rows are drawn by the page's own script: allow JavaScript for this file.</noscript>
+<script type="application/json" id="report-data">{data}</script>
+<script>{script}</script>
+</body>
+</html>
+"""
