@@ -52,19 +52,24 @@ def sample_images(folder: Path, n: int, photos: Path | None, examples: Path) -> 
     return made
 
 
-def cpu_seconds_by_process() -> dict[int, float]:
-    """CPU seconds (user + system) of this process and every descendant (a local Ray's raylet, workers, actors),
-    from /proc: unlike wall time, not inflated by other work sharing the machine's cores."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
+def proc_stat_fields() -> dict[int, list[str]]:
+    """Every live process's /proc/PID/stat fields after the command name (state first), by pid."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 text = (entry / "stat").read_text()
             except OSError:
                 continue
-            fields = text[text.rindex(")") + 2 :].split()
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            found[int(entry.name)] = text[text.rindex(")") + 2 :].split()
+    return found
+
+
+def cpu_seconds_by_process() -> dict[int, float]:
+    """CPU seconds (user + system) of this process and every descendant (a local Ray's raylet, workers, actors),
+    from /proc: unlike wall time, not inflated by other work sharing the machine's cores."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {pid: (int(f[1]), (int(f[11]) + int(f[12])) / tick) for pid, f in proc_stat_fields().items()}
     mine, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         parent = frontier.pop()

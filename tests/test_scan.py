@@ -230,17 +230,9 @@ def test_layouts_leave_cpu_for_the_reads_and_give_gpus_one_actor_each():
 
 def _session_processes(sid: int) -> list[int]:
     """Live (not zombie) processes of one session: the scan's driver and every Ray process it started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    from diffiml.benchmarks.scan_bench import proc_stat_fields
+
+    return [pid for pid, fields in proc_stat_fields().items() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def _end_session(sid: int, wait_s: float = 20.0) -> list[int]:

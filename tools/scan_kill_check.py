@@ -3,7 +3,7 @@ on a few images): a folder of N images, a tenth of them bad, scanned once withou
 (SIGKILL of the driver's process group) half-way and run again into the same folder. Prints whether every input has
 exactly one row and whether the two tables agree (rows, scores, mask PNG bytes).
 
-    python tools/scan_kill_check.py --photos PHOTO_DIR --n 200 --work /tmp/scan-check [--json RESULT.json]
+    python tools/scan_kill_check.py --photos PHOTO_DIR --n 200 --work out/scan-check [--json RESULT.json]
         [-- extra scan arguments]
 """
 
