@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffiml.constants import PRIOR_RATE
-from diffiml.train.config import ModelConfig, get_config
+from diffiml.train.config import MIT_VARIANTS, ModelConfig, get_config
 from diffiml.train.data.edges import edge_map
 from diffiml.train.model import DiffIML, DiscriminativeBaseline
 
@@ -81,6 +81,28 @@ def test_resnet_backbone_option_gives_the_same_condition_shape():
     model = DiffIML(cfg).eval()
     with torch.no_grad():
         assert model.encoder(torch.zeros(1, 3, 64, 64)).shape == (1, cfg.head_channels, 8, 8)
+
+
+def _layer_norm_eps(encoder: torch.nn.Module) -> list[float]:
+    return sorted(m.eps for m in encoder.backbone.modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+def test_mit_block_and_stage_layernorms_use_the_configs_eps():
+    """transformers ignores its own ``layer_norm_eps`` for these: without ``set_mit_layer_norm_eps`` all would
+    keep torch's 1e-5. The patch-embedding and sequence-reduction norms keep 1e-5, as in the authors' MiT."""
+    cfg = get_config("tiny")
+    cfg.mit_layer_norm_eps = 1e-3  # no library's default: only the config can have put it there
+    blocks, reduced = sum(MIT_VARIANTS["tiny"]["depths"]), sum(MIT_VARIANTS["tiny"]["depths"][:3])
+    assert _layer_norm_eps(DiffIML(cfg).encoder) == [1e-5] * (4 + reduced) + [1e-3] * (2 * blocks + 4)
+
+
+def test_paper_config_uses_the_authors_eps_and_older_checkpoints_keep_theirs():
+    paper = get_config("paper")
+    assert paper.mit_layer_norm_eps == 1e-6
+    assert ModelConfig.from_json(paper.to_json()).mit_layer_norm_eps == 1e-6
+    before = {k: v for k, v in get_config("tiny").to_json().items() if k != "mit_layer_norm_eps"}
+    assert ModelConfig.from_json(before).mit_layer_norm_eps == 1e-5  # written before the field: trained with 1e-5
+    assert set(_layer_norm_eps(DiffIML(ModelConfig.from_json(before)).encoder)) == {1e-5}
 
 
 def test_lightvae_distills_from_a_local_sd_vae_teacher(tmp_path):

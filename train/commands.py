@@ -1,4 +1,4 @@
-"""Command-line handlers of the training stack: info, make-synthetic, train-vae, train."""
+"""Command-line handlers of the training stack: info, make-synthetic, import-authors, train-vae, train."""
 
 from __future__ import annotations
 
@@ -31,7 +31,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="with --photos: mark the copied source as well as the pasted target (as NoSo does)")
     p.add_argument("--copymove-share", type=float, default=0.5,
                    help="with --photos: share of the manipulated images that are copy-moves")
+    p.add_argument("--exact-copy-share", type=float, default=0.0,
+                   help="with --photos: share of the copy-moves pasted unresampled and untouched (translated only)")
     p.set_defaults(handler=make_synthetic)
+
+    p = sub.add_parser("import-authors", help="a checkpoint trained with the authors' code (IMDLBenCo) -> ours")
+    p.add_argument("checkpoint", help="their .pth file, {'model': state_dict, ...}; read as weights only")
+    p.add_argument("--out", required=True, help="run folder: the checkpoint goes to OUT/checkpoint, for `export OUT`")
+    p.set_defaults(handler=import_authors)
 
     for name, fn in (("train", train), ("train-vae", train_vae)):
         p = sub.add_parser(name, help="train DiffIML (or --baseline)" if name == "train" else "train LightVAE")
@@ -99,12 +106,20 @@ def make_synthetic(args: argparse.Namespace) -> int:
                 args.photos, args.out, args.n, args.seed, args.holdout_type or "inpaint",
                 authentic_rate=0.2 if args.authentic_rate is None else args.authentic_rate,
                 copymove_marks_source=args.copymove_mask == "both", copymove_share=args.copymove_share,
+                exact_copy_share=args.exact_copy_share,
                 progress=lambda _: bar.update())
         else:
             counts = build(args.out, args.n, args.seed, args.size, args.holdout_type,
                            authentic_rate=0.1 if args.authentic_rate is None else args.authentic_rate,
                            progress=lambda _: bar.update())
     print(json.dumps({"out": str(args.out), **counts}))
+    return 0
+
+
+def import_authors(args: argparse.Namespace) -> int:
+    from diffiml.train.import_authors import import_authors as run
+
+    print(json.dumps(run(args.checkpoint, args.out)))
     return 0
 
 

@@ -42,10 +42,10 @@ def build_backbone(config: ModelConfig, pretrained: str | Path | None = None) ->
 
         if pretrained is not None:
             model = SegformerModel.from_pretrained(str(pretrained), attn_implementation="eager")
-            return model, list(model.config.hidden_sizes)
-        shape = MIT_VARIANTS[config.backbone]
-        seg_config = SegformerConfig(**shape, layer_norm_eps=1e-6, attn_implementation="eager")
-        return SegformerModel(seg_config), list(shape["hidden_sizes"])
+        else:
+            model = SegformerModel(SegformerConfig(**MIT_VARIANTS[config.backbone], attn_implementation="eager"))
+        set_mit_layer_norm_eps(model, config.mit_layer_norm_eps)
+        return model, list(model.config.hidden_sizes)
     from transformers import ResNetConfig, ResNetModel
 
     if pretrained is not None:
@@ -53,6 +53,24 @@ def build_backbone(config: ModelConfig, pretrained: str | Path | None = None) ->
         return model, list(model.config.hidden_sizes)
     res_config = ResNetConfig(depths=RESNET_VARIANTS[config.backbone], layer_type="bottleneck")
     return ResNetModel(res_config), list(res_config.hidden_sizes)
+
+
+def set_mit_layer_norm_eps(backbone: nn.Module, eps: float) -> int:
+    """Sets ``eps`` on the MiT's block and stage LayerNorms; returns how many (2 per block + 4).
+
+    transformers' ``layer_norm_eps`` does not reach them. Told apart by structure, not by name (the names differ
+    between transformers 4 and 5): the two norms that keep torch's 1e-5 in the authors' MiT, of the patch embedding
+    and of the sequence reduction, each normalize the output of a convolution held by the same parent module."""
+    count = 0
+    for parent in backbone.modules():
+        children = list(parent.children())
+        if any(isinstance(c, nn.Conv2d) for c in children):
+            continue
+        for child in children:
+            if isinstance(child, nn.LayerNorm):
+                child.eps = eps
+                count += 1
+    return count
 
 
 class ConditionEncoder(nn.Module):

