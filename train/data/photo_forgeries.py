@@ -220,11 +220,14 @@ def brightness_shift(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator, mark_source: bool
-              ) -> tuple[np.ndarray, np.ndarray] | None:
+def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator, mark_source: bool,
+              exact_share: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
     """An object (BSDS segment) or blob copied within the photo: translated, often rotated (±45°), scaled
     (0.7-1.4), flipped, retouched; pasted once, or two or three times as real copy-moves often are. The mask marks
-    the pasted copies, and the source too when ``mark_source`` (NoSo's convention; CASIA marks the copy only)."""
+    the pasted copies, and the source too when ``mark_source`` (NoSo's convention; CASIA marks the copy only).
+
+    ``exact_share``: the share of copies pasted as they are, translated only (no resampling, no touch-up), as most
+    real copy-moves (NoSo, CASIA ``Tp_S``) are: the copy carries its source's pixels, noise included."""
     # Real copy-moves are small (NoSo, CASIA: most copies cover 0.2-5 % of the image): the copied region's area
     # is log-uniform over 0.2-12 %.
     area = float(np.exp(rng.uniform(np.log(COPY_AREA[0]), np.log(COPY_AREA[1]))))
@@ -234,13 +237,17 @@ def copy_move(host: np.ndarray, labels: np.ndarray | None, rng: np.random.Genera
     y0, y1, x0, x1 = _bbox(region)
     copies = 1 if rng.random() < 0.75 else int(rng.integers(2, 4))
     image, mask, avoid = host, np.zeros(host.shape[:2], np.uint8), region.copy()
+    exact = exact_share > 0 and rng.random() < exact_share  # no draw at 0: older lists are made again bit for bit
     for _ in range(copies):
-        patch, cut = transform_patch(host[y0:y1, x0:x1], region[y0:y1, x0:x1], rng, float(rng.uniform(0.7, 1.4)),
-                                     max_angle=45)
-        if rng.random() < 0.3:
-            patch = brightness_shift(patch, rng)
-        if rng.random() < 0.3:
-            patch = local_processing(patch, rng)
+        if exact:
+            patch, cut = host[y0:y1, x0:x1].copy(), region[y0:y1, x0:x1].copy()
+        else:
+            patch, cut = transform_patch(host[y0:y1, x0:x1], region[y0:y1, x0:x1], rng,
+                                         float(rng.uniform(0.7, 1.4)), max_angle=45)
+            if rng.random() < 0.3:
+                patch = brightness_shift(patch, rng)
+            if rng.random() < 0.3:
+                patch = local_processing(patch, rng)
         placed = _fit_and_place(image, patch, cut, rng, avoid=avoid, min_fraction=COPY_AREA[0] * 0.5)
         if placed is None:
             break
@@ -310,10 +317,13 @@ def encode(image: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
 def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: int = 0,
                          holdout_type: str | None = "inpaint", authentic_rate: float = 0.2,
                          eval_fraction: float = 0.15, copymove_marks_source: bool = True,
-                         copymove_share: float = 0.5, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+                         copymove_share: float = 0.5, exact_copy_share: float = 0.0,
+                         progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Write ``n`` forgeries (and authentic images) under ``out`` with train.json, test.json and holdout.json.
 
     ``copymove_share``: the share of manipulated images that are copy-moves (the rest: the other types, evenly).
+    ``exact_copy_share``: the share of copy-moves pasted unresampled and untouched (``copy_move``'s ``exact_share``).
+    Beside the lists, ``sources.json`` names each image's host photo (for splits by photo downstream).
     Returns the number of rows per list and the number of photos on each side of the split.
     """
     if holdout_type is not None and holdout_type not in PHOTO_MANIPULATIONS:
@@ -328,6 +338,7 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
     (out / "Gt").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lists: dict[str, list[list[str]]] = {"train": [], "test": [], "holdout": []}
+    sources: dict[str, str] = {}  # image -> its host photo, for splits by photo downstream (detector calibration)
     cache: dict[Path, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def load(photo: Photo) -> tuple[np.ndarray, np.ndarray | None]:
@@ -358,7 +369,7 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
                 donor = jpeg(donor, int(rng.integers(50, 101)))
             result = splice(host, donor, donor_labels, rng)
         elif kind == "copymove":
-            result = copy_move(host, labels, rng, copymove_marks_source)
+            result = copy_move(host, labels, rng, copymove_marks_source, exact_copy_share)
         else:
             result = removal(host, labels, rng)
         if result is None:
@@ -374,10 +385,12 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
             row[1] = f"Gt/{stem}.png"
         split = "train" if side == "train" else ("holdout" if kind == holdout_type else "test")
         lists[split].append(row)
+        sources[row[0]] = host_photo.path.relative_to(root).as_posix()
         if progress:
             progress(i)
         i += 1
     for name, rows in lists.items():
         write_bytes_atomic(out / f"{name}.json", json.dumps(rows, indent=0).encode())
+    write_bytes_atomic(out / "sources.json", json.dumps(sources, indent=0, sort_keys=True).encode())
     return {**{k: len(v) for k, v in lists.items()},
             "train_photos": len(sides["train"]), "eval_photos": len(sides["eval"])}
