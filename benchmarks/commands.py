@@ -30,6 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
                    help="score a discriminative-baseline checkpoint (Table 5) instead of the bundle")
+    p.add_argument("--all-regions", action="store_true",
+                   help="score every region of the map, also on images the detector judges authentic")
+    p.add_argument("--rows", default=None, metavar="FILE",
+                   help="also write every image's row (scores, decision, F1, the detector's evidence) as JSON lines; "
+                        "what `diffiml fit-detector` reads")
     p.add_argument("--json", action="store_true")
     p.add_argument("--robustness", action="store_true", help="F1 under JPEG, blur and noise; plotted to --plot")
     p.add_argument("--plot", default="out/robustness.png", help="PNG for --robustness")
@@ -193,7 +198,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, adaptive=adaptive_policy(args),
-                                   precision=args.precision, copy_move=args.copy_move)
+                                   precision=args.precision, copy_move=args.copy_move,
+                                   all_regions=args.all_regions)
     names = args.name or [Path(d).stem for d in args.data]
     if args.protocol:
         from diffiml.benchmarks.protocols import locate
@@ -216,18 +222,26 @@ def evaluate(args: argparse.Namespace) -> int:
         plot(next(iter(result.values())), Path(args.plot), f"robustness: {names[0]}")
         print(json.dumps({"robustness": result, "plot": args.plot}))
         return 0
-    reports = [run(localizer, read_dataset(d), n)[0] for d, n in zip(args.data, names, strict=True)]
+    reports, all_rows = [], []
+    for d, n in zip(args.data, names, strict=True):
+        report, rows = run(localizer, read_dataset(d), n)
+        reports.append(report)
+        all_rows += [{**row, "dataset": n} for row in rows]
+    if args.rows:
+        write_text_atomic(Path(args.rows), "".join(json.dumps(row) + "\n" for row in all_rows))
     f1 = sum(r["f1"] for r in reports) / len(reports)
     if args.json:
         print(json.dumps({"f1": f1, "datasets": reports}))
         return 0
     print("| dataset | n | manipulated | F1 (0.5) | F1 incl. authentic | pixel AUC | IoU | image AUC | "
-          "F1 of all-manipulated mask |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "balanced acc. | detected | authentic marked | marked area on authentic | F1 of all-manipulated mask |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for report in reports:
         for r in (report, *({**g, "name": f"{report['name']} / {g['name']}"} for g in report.get("groups", []))):
             print(f"| {r['name']} | {r['n']} | {r['n_manipulated']} | {r['f1']:.4f} | {r['f1_with_authentic']:.4f} | "
-                  f"{r['auc']:.4f} | {r['iou']:.4f} | {r['image_auc']:.4f} | {r['f1_all_manipulated_mask']:.4f} |")
+                  f"{r['auc']:.4f} | {r['iou']:.4f} | {r['image_auc']:.4f} | {r['balanced_accuracy']:.4f} | "
+                  f"{r['detection_rate']:.4f} | {r['authentic_marked_share']:.4f} | "
+                  f"{r['authentic_marked_area']:.4f} | {r['f1_all_manipulated_mask']:.4f} |")
     return 0
 
 

@@ -34,7 +34,9 @@ def read_truth(path: Path | None, height: int, width: int) -> np.ndarray:
 
 def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
              perturb: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[dict, list[dict]]:
-    """samples: ``diffiml.train.data.readers.Sample`` rows. ``perturb`` degrades each image first (robustness).
+    """samples: ``diffiml.train.data.readers.Sample`` rows (authentic ones: mask None). ``perturb`` degrades each
+    image first (robustness). Rows carry the image-level decision, whether the mask marks anything, and the
+    detector's evidence (what ``diffiml fit-detector`` fits on).
     ``localizer``: a bundle's Localizer or the Table 5 baseline; both give ``probability`` and ``score``.
     The summary holds ``groups``: the same figures per manipulation type and per set (``benchmarks/groups.py``)."""
     rows = []
@@ -50,14 +52,16 @@ def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
             continue
         result = localizer.localize(rgb)
         prob = result.probability
-        pred = prob >= 0.5
+        pred = result.mask  # empty where the image-level decision says authentic (unless all regions are shown)
         rows.append({
             "image": str(sample.image), "manipulated": bool(truth.any()), "score": result.score,
+            "decision": result.decision, "marked": bool(pred.any()), "marked_fraction": float(pred.mean()),
             "set": set_name, "type": manipulation_type(Path(sample.image), getattr(sample, "type", None)),
             "f1": pixel_f1(pred, truth), "iou": pixel_iou(pred, truth),
             "auc": auc(prob, truth) if truth.any() else float("nan"),
             "f1_trivial": pixel_f1(np.ones_like(truth), truth),
             "members": getattr(result, "members", 0),
+            "evidence": result.evidence,
         })
     summary = summarize(rows, name)
     summary["groups"] = [summarize(group, group_name) for group_name, group in group_rows(rows).items()]

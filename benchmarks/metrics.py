@@ -6,6 +6,8 @@
   ground truth has no true positives), as some papers report.
 - Pixel AUC (per image, manipulated images only) and IoU at 0.5, as in IMDLBenCo's ``PixelAUC`` / ``PixelIOU``.
 - Image-level AUC of the image score against manipulated vs authentic (IMDLBenCo ``ImageAUC``).
+- False alarms: on authentic images, the share whose mask marks anything and the marked area; the image-level
+  decision's balanced accuracy at the bundle's threshold.
 """
 
 from __future__ import annotations
@@ -48,4 +50,23 @@ def summarize(per_image: list[dict], name: str) -> dict:
         "image_auc": auc(np.array([r["score"] for r in per_image]), np.array([r["manipulated"] for r in per_image])),
         "f1_all_manipulated_mask": mean("f1_trivial", manip),
         "mean_members": mean("members", per_image) if per_image and "members" in per_image[0] else float("nan"),
+        **false_alarms(per_image),
     }
+
+
+def false_alarms(per_image: list[dict]) -> dict:
+    """What a user of a mostly authentic collection sees: the share of authentic images whose mask marks any pixel
+    and the area it marks; the image-level decision's detection rate (manipulated judged manipulated), false-alarm
+    rate (authentic judged manipulated) and balanced accuracy (their mean with the true-negative rate). NaN where a
+    class is absent or the rows carry no decision."""
+    nan = float("nan")
+    authentic = [r for r in per_image if not r["manipulated"]]
+    manip = [r for r in per_image if r["manipulated"]]
+    out = {"n_authentic": len(authentic),
+           "authentic_marked_share": float(np.mean([r.get("marked", False) for r in authentic])) if authentic else nan,
+           "authentic_marked_area": float(np.mean([r.get("marked_fraction", 0.0) for r in authentic]))
+           if authentic else nan}
+    decided = all(r.get("decision") is not None for r in per_image) and per_image
+    tpr = float(np.mean([r["decision"] for r in manip])) if decided and manip else nan
+    fpr = float(np.mean([r["decision"] for r in authentic])) if decided and authentic else nan
+    return {**out, "detection_rate": tpr, "false_alarm_rate": fpr, "balanced_accuracy": (tpr + 1 - fpr) / 2}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +16,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None)
     p.add_argument("--no-copy-move-cue", dest="copy_move_cue", action="store_false",
                    help="leave the classical copy-move cue out of the bundle (the model's map alone)")
+    p.add_argument("--no-detector", dest="detector", action="store_false",
+                   help="leave out the checkpoint's fitted image-level detector (detector.json): the score is then "
+                        "the map's top pixels and the mask is never emptied")
     p.add_argument("--precision", default="fp32", metavar="fp32|int8|fp16[,...]",
                    help="fp32 graphs always; int8 adds graphs for CPU (needs --calibration), fp16 graphs for CUDA")
     p.add_argument("--calibration", default=None, metavar="DATA",
@@ -33,6 +37,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=1, help="images per batch the engines must accept")
     p.add_argument("--ensemble", type=int, default=None, help="largest ensemble size (default: the bundle's)")
     p.set_defaults(handler=build_engines)
+
+    f = sub.add_parser("fit-detector", help="fit the calibrated image-level detector on `diffiml eval --rows` output")
+    f.add_argument("rows", nargs="+", metavar="ROWS", help="eval --rows files of training-photo forgeries and "
+                                                           "authentic images (never an evaluation set)")
+    f.add_argument("--bundle", default="engines/default", help="the bundle the rows were computed with")
+    f.add_argument("--sources", default=None, help="make-synthetic's sources.json: split by source photo")
+    f.add_argument("--out", required=True, help="detector.json, beside the checkpoint (export reads it there)")
+    f.add_argument("--false-alarm-rate", type=float, default=0.05,
+                   help="the decision threshold's target share of authentic images judged manipulated")
+    f.add_argument("--calibration-fraction", type=float, default=0.25, help="photos held out for calibration")
+    f.add_argument("--feature-set", default=None, help="fit this candidate only (default: the best on calibration)")
+    f.add_argument("--compare", nargs="*", default=[], metavar="ROWS",
+                   help="eval --rows of other lists: print every candidate's image AUC on them (not used to choose)")
+    f.set_defaults(handler=fit_detector)
 
     if "localize" in sub.choices:  # `diffiml localize --reference` runs the checkpoint's PyTorch modules
         sub.choices["localize"].set_defaults(open_reference=open_reference)
@@ -65,10 +83,38 @@ def export(args: argparse.Namespace) -> int:
         calibration, check = (picked[:n] if "int8" in wanted else None), picked[n:]
     manifest = export_bundle(args.checkpoint, args.out, args.name, attention=args.attention,
                              int8_calibration=calibration, check_images=check, fp16="fp16" in wanted,
-                             copy_move_cue=args.copy_move_cue)
+                             copy_move_cue=args.copy_move_cue, detector=args.detector)
     print(json.dumps({"bundle": args.out, "graphs": {k: v["sha256"] for k, v in manifest["graphs"].items()},
                       "checks": manifest["checks"],
                       **{f"{p}_checks": e["checks"] for p, e in manifest.get("precisions", {}).items()}}))
+    return 0
+
+
+def fit_detector(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.metrics import auc
+    from diffiml.export.detector_fit import FitError, fit_detector, read_rows
+    from diffiml.files import write_text_atomic
+    from diffiml.runtime.bundle import load_bundle
+
+    if not 0 < args.false_alarm_rate < 1 or not 0 < args.calibration_fraction < 1:
+        raise FitError("--false-alarm-rate and --calibration-fraction must lie in (0, 1)")
+    bundle = load_bundle(args.bundle, verify=False)
+    sources = json.loads(open(args.sources).read()) if args.sources else {}
+    detector, candidates = fit_detector(read_rows(args.rows), sources, bundle.manifest["checkpoint"]["sha256"],
+                                        args.false_alarm_rate, args.calibration_fraction, args.feature_set)
+    compare = {Path(p).stem: read_rows([p]) for p in args.compare}
+    header = ["feature set", "features", "l2", "cross-validated log-loss", "cross-validated AUC",
+              *(f"image AUC {name}" for name in compare)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in candidates:
+        cells = [c.name + (" (chosen)" if c.names == detector.names else ""), str(len(c.names)), f"{c.l2:g}",
+                 f"{c.cv_loss:.4f}", f"{c.cv_auc:.4f}",
+                 *(f"{auc(c.logits(rows), np.array([r['manipulated'] for r in rows])):.4f}"
+                   for rows in compare.values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    write_text_atomic(Path(args.out), json.dumps(detector.manifest(), indent=1))
+    print(json.dumps({"detector": args.out, **detector.record, "threshold": detector.threshold}))
     return 0
 
 

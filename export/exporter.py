@@ -29,6 +29,7 @@ from diffiml.export.precision_check import graph_entry
 from diffiml.files import write_bytes_atomic
 from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
 from diffiml.runtime.copy_move import CopyMoveCue
+from diffiml.runtime.detector import DETECTOR_FILE, Detector
 from diffiml.schedule import ddim_plan
 from diffiml.train.checkpoint import load_config, load_weights, replace_folder, resolve_checkpoint
 from diffiml.train.config import ModelConfig
@@ -93,18 +94,35 @@ def check_against_torch(spec: GraphSpec, module: torch.nn.Module, onnx_bytes: by
 
 
 
+def fitted_detector(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's ``detector.json``, refused when it was fitted on other weights (its evidence would differ)."""
+    path = checkpoint / DETECTOR_FILE
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable detector ({exc})") from None
+    fitted_on = entry.get("record", {}).get("checkpoint_sha256") if isinstance(entry, dict) else None
+    if fitted_on != sha256_of(checkpoint / "model.safetensors"):
+        raise ExportError(f"{path}: fitted on another checkpoint; fit it again with `diffiml fit-detector` or "
+                          "export with --no-detector")
+    Detector.from_manifest(entry, str(path))
+    return entry
+
+
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None,
                   steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused",
                   int8_calibration: list[Path] | None = None, check_images: list[Path] | None = None,
-                  int8_min_agreement: float | None = None, fp16: bool = False, copy_move_cue: bool = True
-                  ) -> dict[str, Any]:
+                  int8_min_agreement: float | None = None, fp16: bool = False, copy_move_cue: bool = True,
+                  detector: bool = True) -> dict[str, Any]:
     """Write the bundle into ``out`` (replacing it only once everything passed) and return its manifest.
 
     ``attention="fused"`` (for onnxruntime) writes the UNet's attention as one fused operator; "standard" keeps plain
     ONNX ops, which TensorRT's parser needs (``diffiml.export.attention``). With ``int8_calibration`` images, the
     bundle also carries int8 graphs (``diffiml.export.quantize``); with ``fp16``, fp16 graphs for CUDA
     (``diffiml.export.half``). Each reduced precision is compared with fp32 on ``check_images``. With
-    ``copy_move_cue``, the manifest enables the runtime's classical copy-move cue (runtime/copy_move.py)."""
+    ``copy_move_cue``, the manifest enables the runtime's classical copy-move cue (runtime/copy_move.py). With
+    ``detector`` and a ``detector.json`` beside the checkpoint (``diffiml fit-detector``), the manifest carries the
+    calibrated image-level detector (runtime/detector.py); it must have been fitted on this checkpoint."""
     torch.manual_seed(0)
     model, ckpt = load_diffiml(checkpoint)
     cfg = model.config
@@ -145,6 +163,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
         },
         "graphs": graphs,
         **({"copy_move_cue": CopyMoveCue().manifest()} if copy_move_cue else {}),
+        **({"detector": fitted_detector(ckpt)} if detector and (ckpt / DETECTOR_FILE).is_file() else {}),
         "checks": {"fp32_max_abs_error_vs_torch": checks},
         "opset": OPSET,
         "attention": attention,

@@ -13,13 +13,15 @@ from typing import Any
 
 from diffiml.files import sha256_of
 from diffiml.runtime.copy_move import CopyMoveCue
+from diffiml.runtime.detector import Detector
 from diffiml.runtime.errors import BundleError
 from diffiml.schedule import DdimPlan
 
-# 4: optional `copy_move_cue` (runtime/copy_move.py); 3: optional reduced-precision graphs (`precisions`);
-# 2: graphs list their operator domains. Version 3 bundles are read too: they have no copy-move cue.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (3, 4)
+# 5: optional `detector` (runtime/detector.py), the cue's `residual_threshold`; 4: optional `copy_move_cue`
+# (runtime/copy_move.py); 3: optional reduced-precision graphs (`precisions`); 2: graphs list their operator domains.
+# Versions 3 and 4 are read too: they have no detector (the score is the map's top pixels), 3 no copy-move cue.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
 PRECISIONS = ("fp32", "int8", "fp16")
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
 SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
@@ -128,6 +130,12 @@ class Bundle:
         entry = self.manifest.get("copy_move_cue")
         return None if entry is None else CopyMoveCue.from_manifest(entry, str(self.root))
 
+    @property
+    def detector(self) -> Detector | None:
+        """The calibrated image-level detector (score and decision), or None: the score is the map's top pixels."""
+        entry = self.manifest.get("detector")
+        return None if entry is None else Detector.from_manifest(entry, str(self.root))
+
     def checkpoint_path(self) -> Path:
         if "path" not in self.manifest.get("checkpoint", {}):
             raise BundleError(f"{self.root}: the manifest names no checkpoint; give --reference the checkpoint")
@@ -172,6 +180,8 @@ def validate_manifest(manifest: Any, where: Path) -> None:
                 raise BundleError(f"{where}: the {precision} {name} graph's inputs differ from the fp32 graph's")
     if "copy_move_cue" in manifest:
         CopyMoveCue.from_manifest(manifest["copy_move_cue"], str(where))
+    if "detector" in manifest:
+        Detector.from_manifest(manifest["detector"], str(where))
     spec = manifest["input"]
     asked = {k: spec.get(k) for k in SUPPORTED_INPUT}
     if asked != SUPPORTED_INPUT or not all(k in spec for k in ("size", "scale", "mean", "std")):

@@ -37,6 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
     add_copy_move_option(p)
+    add_all_regions_option(p)
     p.add_argument("--reference", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="run the PyTorch reference sampler (imports torch) on CHECKPOINT, or on the bundle's own")
     p.add_argument("--truth", default=None, help="a true mask for a single input: prints the F1 against it")
@@ -67,12 +68,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queue-timeout", type=float, default=60.0,
                    help="seconds a request may wait in Triton's queue before it is rejected")
     s.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this are rejected at once")
-    add_copy_move_option(s, "it costs 0.2-0.4 s of CPU per image, one image after another")
+    add_copy_move_option(s, "it costs 0.2-1 s of CPU per image, one image after another")
+    add_all_regions_option(s)
     s.set_defaults(handler=serve)
 
     from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
 
     add_scan_parser(sub)
+
+
+def add_all_regions_option(parser: argparse.ArgumentParser) -> None:
+    """``--all-regions`` (into ``args.all_regions``), the same for every command that writes masks."""
+    parser.add_argument("--all-regions", action="store_true",
+                        help="mark every region of the map in the mask, also in images the bundle's detector judges "
+                             "authentic (default: their mask is empty; the probability map is written either way)")
 
 
 def add_copy_move_option(parser: argparse.ArgumentParser, why: str = "the score-based model's map alone") -> None:
@@ -93,7 +102,8 @@ def serve(args: argparse.Namespace) -> int:
                             grpc_port=args.port + 1, metrics_port=args.port + 2, max_batch=args.max_batch,
                             max_queue_delay_ms=args.max_queue_delay_ms, instances=args.instances,
                             threads=args.threads, precision=args.precision, queue_timeout_s=args.queue_timeout,
-                            max_queue=args.max_queue, stats_port=args.port + 3, copy_move=args.copy_move))
+                            max_queue=args.max_queue, stats_port=args.port + 3, copy_move=args.copy_move,
+                            all_regions=args.all_regions))
     return 0
 
 
@@ -137,7 +147,7 @@ def _print_record(path: Path, result, backend: str, t0: float, files: dict[str, 
     from diffiml.runtime.image_io import load_image
     from diffiml.runtime.metrics import pixel_f1
 
-    record = {"path": str(path), "score": round(result.score, 4),
+    record = {"path": str(path), "score": round(result.score, 4), "decision": result.decision,
               "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": backend,
               "members": result.members,
               **({} if result.copy_move_fraction is None
@@ -169,9 +179,9 @@ def localize(args: argparse.Namespace) -> int:
     if not paths:
         raise DiffimlError("no input images matched")
     if args.server is not None:
-        if args.reference is not None or args.tta or not args.copy_move:
-            raise DiffimlError("--server runs the server's bundle: --reference, --tta and --no-copy-move are local "
-                               "only")
+        if args.reference is not None or args.tta or not args.copy_move or args.all_regions:
+            raise DiffimlError("--server runs the server's bundle: --reference, --tta, --no-copy-move and "
+                               "--all-regions are local only (serve --all-regions sets it for the server)")
         return _localize_on_server(args, paths)
     if args.reference is not None:
         open_reference = getattr(args, "open_reference", None)  # plugged in by diffiml.export.commands
@@ -179,14 +189,15 @@ def localize(args: argparse.Namespace) -> int:
             raise DiffimlError("--reference needs the training stack (pip install 'diffiml[export]')")
         localizer = open_reference(args.bundle, args.reference or None, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
-                                   adaptive=adaptive_policy(args), copy_move=args.copy_move)
+                                   adaptive=adaptive_policy(args), copy_move=args.copy_move,
+                                   all_regions=args.all_regions)
     else:
         from diffiml.runtime.localizer import Localizer
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
                                    adaptive=adaptive_policy(args), precision=args.precision,
-                                   copy_move=args.copy_move)
+                                   copy_move=args.copy_move, all_regions=args.all_regions)
     out = _output_folder(args.out)
 
     def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
@@ -197,7 +208,8 @@ def localize(args: argparse.Namespace) -> int:
         settings = {"bundle": args.bundle, "backend": localizer.backend, "precision": args.precision,
                     "ensemble": f"auto:{localizer.ensemble}" if localizer.adaptive else localizer.ensemble,
                     "steps": localizer.steps, "seed": localizer.seed, "tta": localizer.tta,
-                    "uncertainty": localizer.uncertainty, "copy_move_cue": localizer.copy_move is not None}
+                    "uncertainty": localizer.uncertainty, "copy_move_cue": localizer.copy_move is not None,
+                    "detector": localizer.detector is not None, "all_regions": localizer.all_regions}
         return _localize_each(paths, one, out, args.truth, settings if args.report else None)
 
 

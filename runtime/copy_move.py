@@ -14,13 +14,20 @@ image; pairs closer than ``min_distance`` dropped; affine transforms found one a
 (both directions); a transform is kept with ``min_inliers`` inlier pairs and a scale in (0.5, 2); for each kept
 transform T, the image is compared with itself warped by T and by T⁻¹ (normalized cross-correlation in 7×7 windows);
 where it correlates above ``ncc_threshold`` on textured pixels, in a connected region that holds an inlier keypoint,
-both the source and the copy are marked.
+both the source and the copy are marked, if the two regions' noise residuals agree too.
+
+Why the residual check: a repeated window, tile or leaf correlates with its neighbour as image content, but its
+sensor noise and JPEG rounding are its own. A copied region carries its source's high-frequency residual pixel for
+pixel (resampled with it when the copy was scaled or rotated). So each verified transform is kept only where the
+residuals (image minus its 3×3 median) of the region and of its warped partner correlate above
+``residual_threshold``, with the transform's translation refined within ±1 px (keypoint positions are not exact
+enough for noise). The agreement is reported (``CopyMoveFinding.residual``) and feeds the image-level detector.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import cv2
@@ -41,7 +48,7 @@ class CopyMoveCue:
     ratio: float = 0.5  # g2NN: accept the k-th neighbour while d_k / d_{k+1} < ratio
     neighbours: int = 10
     min_distance: float = 20.0  # pixels at the working size: nearer pairs are one structure, not a copy
-    min_inliers: int = 6
+    min_inliers: int = 4  # distinct keypoint pairs (each unordered pair counted once)
     max_transforms: int = 3
     ransac_pixels: float = 3.0
     ncc_threshold: float = 0.92
@@ -50,6 +57,7 @@ class CopyMoveCue:
     flips: bool = True
     max_keypoints: int = 4000
     contrast_threshold: float = 0.01  # SIFT's: lower finds keypoints in weaker texture (small, flat copies)
+    residual_threshold: float = 0.2  # noise-residual correlation a copy must show (0: keep every verified region)
 
     def manifest(self) -> dict[str, Any]:
         return {"method": METHOD, **asdict(self)}
@@ -66,7 +74,8 @@ class CopyMoveCue:
         defaults, values = CopyMoveCue(), {}
         for f in fields(CopyMoveCue):
             default = getattr(defaults, f.name)
-            value = entry.get(f.name, default)
+            # bundles written before the residual check had none: they keep their behaviour
+            value = entry.get(f.name, 0.0 if f.name == "residual_threshold" else default)
             if isinstance(default, bool):
                 ok = isinstance(value, bool)
             else:  # a number >= 0; an integer setting takes only whole numbers
@@ -75,8 +84,17 @@ class CopyMoveCue:
             if not ok:
                 kind = "boolean" if isinstance(default, bool) else f"{type(default).__name__} >= 0"
                 raise BundleError(f"{where}: copy_move_cue.{f.name} must be a {kind}, got {value!r}")
+            low = _MINIMUM.get(f.name)
+            if low is not None and value < low:
+                raise BundleError(f"{where}: copy_move_cue.{f.name} must be at least {low}, got {value!r}")
             values[f.name] = type(default)(value)
         return CopyMoveCue(**values)
+
+
+# Settings below these make the cue fail on every image (0 neighbours, fewer inliers than an affine fit needs) or
+# silently change its meaning (0 keypoints is OpenCV's "unlimited", a 0 px working size turns it off).
+_MINIMUM = {"max_side": 32, "neighbours": 1, "min_inliers": 3, "max_transforms": 1, "max_keypoints": 16,
+            "ratio": 1e-3, "ransac_pixels": 1e-3}
 
 
 @dataclass
@@ -84,8 +102,17 @@ class CopyMoveFinding:
     """What the cue found in one image (the counts say why a mask is empty: no pairs, or none verified)."""
 
     mask: np.ndarray  # (h, w) uint8 0/1 at the working size: source and copies
-    transforms: int  # verified copy transforms (0: nothing found)
-    pairs: int  # keypoint pairs that passed the ratio test
+    transforms: int  # copy transforms verified by content and by noise residual (0: nothing found)
+    pairs: int  # distinct keypoint pairs that passed the ratio test
+    residual: float = 0.0  # best noise-residual agreement of a content-verified region pair (0: none)
+    candidates: int = 0  # transforms verified by content (before the residual check)
+    candidate_fraction: float = 0.0  # share of the image their regions cover
+
+    def evidence(self) -> dict[str, float]:
+        """The detector's cue inputs: what content verification found and how well its best pair's noise agrees
+        (independent of ``residual_threshold``, which only decides what the mask shows)."""
+        return {"cue_area": self.candidate_fraction, "cue_transforms": float(self.candidates),
+                "cue_residual": self.residual, "cue_pairs": float(np.log1p(self.pairs))}
 
 
 def _g2nn(query: np.ndarray, train: np.ndarray, ratio: float, k: int, same: bool) -> list[tuple[int, int]]:
@@ -119,7 +146,19 @@ def keypoint_pairs(gray: np.ndarray, cue: CopyMoveCue) -> np.ndarray:
     if not pairs:
         return np.zeros((0, 2, 2), np.float32)
     arr = np.array(pairs, np.float32)
-    return arr[np.hypot(*(arr[:, 0] - arr[:, 1]).T) >= cue.min_distance]
+    arr = arr[np.hypot(*(arr[:, 0] - arr[:, 1]).T) >= cue.min_distance]
+    return unique_pairs(arr)
+
+
+def unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """Each unordered pair once: g2NN from a finds b and from b finds a, and counting both would let
+    ``min_inliers`` mean half of what it says."""
+    if not len(pairs):
+        return pairs
+    swap = (pairs[:, 0, 0] > pairs[:, 1, 0]) | ((pairs[:, 0, 0] == pairs[:, 1, 0]) & (pairs[:, 0, 1] > pairs[:, 1, 1]))
+    ordered = np.where(swap[:, None, None], pairs[:, ::-1], pairs)
+    _, first = np.unique(np.round(ordered.reshape(len(pairs), 4) * 2), axis=0, return_index=True)
+    return ordered[np.sort(first)]
 
 
 def copy_transforms(pairs: np.ndarray, cue: CopyMoveCue) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -158,16 +197,59 @@ def _local_ncc(a: np.ndarray, b: np.ndarray, window: int = 7) -> tuple[np.ndarra
     return cov / np.sqrt(np.maximum(va * vb, 1e-6)), np.minimum(va, vb)
 
 
+def noise_residual(gray: np.ndarray) -> np.ndarray:
+    """float32: the image minus its 3×3 median, the high-frequency part a copy carries along and content does not
+    explain."""
+    return gray.astype(np.float32) - cv2.medianBlur(gray, 3).astype(np.float32)
+
+
+def residual_agreement(residual: np.ndarray, region: np.ndarray, t: np.ndarray, search: float = 1.0) -> float:
+    """How sharply the noise residual inside ``region`` agrees with the residual at the positions ``t`` maps them
+    to: the best correlation over translations within ±``search`` px (half-pixel steps: RANSAC's transform is not
+    exact enough for noise), minus the mean correlation 2 px away from that best alignment. Noise is white: a copy's
+    residual agrees at one alignment only, while repeated content (edges, a facade's windows) still agrees when
+    shifted. Computed on the region's bounding box only."""
+    ys, xs = np.nonzero(region)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    inner = region[y0:y1, x0:x1].astype(bool)
+    a = residual[y0:y1, x0:x1][inner].astype(np.float64)
+    a -= a.mean()
+    na = np.sqrt((a * a).sum())
+    if na < 1e-6 or inner.sum() < 64:
+        return 0.0
+    base = t.astype(np.float64).copy()
+    base[:, 2] += base[:, :2] @ np.array([x0, y0], np.float64)  # output pixel (0, 0) is the box's corner
+
+    def correlation(dx: float, dy: float) -> float:
+        shifted = base.copy()
+        shifted[:, 2] += (dx, dy)
+        warped = cv2.warpAffine(residual, shifted, (int(x1 - x0), int(y1 - y0)),
+                                flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR)
+        b = warped[inner].astype(np.float64)
+        b -= b.mean()
+        nb = np.sqrt((b * b).sum())
+        return float((a * b).sum() / (na * nb)) if nb > 1e-6 else 0.0
+
+    steps = np.arange(-search, search + 0.25, 0.5)
+    best, bx, by = max((correlation(dx, dy), dx, dy) for dy in steps for dx in steps)
+    ring = [correlation(bx + 2 * np.cos(a), by + 2 * np.sin(a)) for a in np.arange(8) * np.pi / 4]
+    return max(best - float(np.mean(ring)), 0.0)
+
+
 def verify_regions(gray: np.ndarray, transforms: list[tuple[np.ndarray, np.ndarray]], cue: CopyMoveCue
-                   ) -> np.ndarray:
+                   ) -> CopyMoveFinding:
     """(h, w) uint8 0/1: pixels that correlate with their image under a found transform (or its inverse), in
-    connected regions that hold one of its inlier keypoints."""
+    connected regions that hold one of its inlier keypoints, for the transforms whose regions' noise residuals agree
+    with their partners'; with what content verification found before that check."""
     h, w = gray.shape
     g = cv2.GaussianBlur(gray, (3, 3), 0).astype(np.float32)
-    out = np.zeros((h, w), np.uint8)
+    residual = noise_residual(gray)
+    out, content = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
+    kept, candidates, best = 0, 0, 0.0
     for matrix, points in transforms:
         xy = np.round(points).astype(int)
         xy = xy[(xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)]
+        regions, agreement = [], 0.0
         for t in (matrix, cv2.invertAffineTransform(matrix)):
             # WARP_INVERSE_MAP: warped(x) = g(t x), the pixel this one would have been copied to (or from)
             warped = cv2.warpAffine(g, t, (w, h), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR)
@@ -181,8 +263,20 @@ def verify_regions(gray: np.ndarray, transforms: list[tuple[np.ndarray, np.ndarr
             keep[labels[xy[:, 1], xy[:, 0]]] = True
             keep[0] = False
             keep &= stats[:, cv2.CC_STAT_AREA] >= cue.min_region * h * w
-            out |= keep[labels].astype(np.uint8)
-    return cv2.morphologyEx(out, cv2.MORPH_CLOSE, np.ones((15, 15), np.uint8))  # flat holes inside a copy
+            region = keep[labels].astype(np.uint8)
+            if region.any():
+                regions.append(region)
+                agreement = max(agreement, residual_agreement(residual, region, t))
+        if not regions:
+            continue
+        best, candidates = max(best, agreement), candidates + 1
+        for region in regions:
+            content |= region
+            if agreement >= cue.residual_threshold:
+                out |= region
+        kept += int(agreement >= cue.residual_threshold)
+    mask = cv2.morphologyEx(out, cv2.MORPH_CLOSE, np.ones((15, 15), np.uint8))  # flat holes inside a copy
+    return CopyMoveFinding(mask, kept, 0, best, candidates, float(content.mean()))
 
 
 def find_copy_moves(rgb: np.ndarray, cue: CopyMoveCue) -> CopyMoveFinding:
@@ -196,14 +290,16 @@ def find_copy_moves(rgb: np.ndarray, cue: CopyMoveCue) -> CopyMoveFinding:
                                                                             cv2.COLOR_RGB2GRAY)
     pairs = keypoint_pairs(gray, cue)
     transforms = copy_transforms(pairs, cue) if len(pairs) else []
-    mask = verify_regions(gray, transforms, cue) if transforms else np.zeros(gray.shape, np.uint8)
-    return CopyMoveFinding(mask, len(transforms), len(pairs))
+    if not transforms:
+        return CopyMoveFinding(np.zeros(gray.shape, np.uint8), 0, len(pairs))
+    return replace(verify_regions(gray, transforms, cue), pairs=len(pairs))
 
 
-def copy_move_probability(rgb: np.ndarray, cue: CopyMoveCue, size: int) -> tuple[np.ndarray, float]:
+def copy_move_probability(rgb: np.ndarray, cue: CopyMoveCue, size: int
+                          ) -> tuple[np.ndarray, CopyMoveFinding, float]:
     """(size, size) float32 in [0, 1]: the cue's mask at the model's resolution (area-averaged, so a thin region
-    keeps its share), and the seconds it took."""
+    keeps its share), what it found, and the seconds it took."""
     t0 = time.perf_counter()
     finding = find_copy_moves(rgb, cue)
     prob = cv2.resize(finding.mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return prob, time.perf_counter() - t0
+    return prob, finding, time.perf_counter() - t0

@@ -24,6 +24,7 @@ from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend
 from diffiml.runtime.bundle import Bundle, load_bundle
 from diffiml.runtime.copy_move import copy_move_probability
+from diffiml.runtime.detector import CUE_SILENT, encoder_evidence, map_evidence, spread_evidence
 from diffiml.runtime.errors import BackendUnavailableError
 from diffiml.runtime.image_io import DecodedImage, ImageInput, load_image, preprocess, resize_probability
 from diffiml.schedule import ensemble_noise
@@ -53,7 +54,8 @@ class AdaptiveEnsemble:
 
 
 def image_score(probability: np.ndarray) -> float:
-    """Image-level score: the mean of the top 0.5 % pixel probabilities (a max that one pixel cannot set)."""
+    """The map's own image-level score: the mean of the top 0.5 % pixel probabilities (a max that one pixel cannot
+    set). The score of a bundle without a detector, and one of the detector's inputs."""
     p = probability.ravel()
     k = max(1, int(p.size * SCORE_TOP_FRACTION))
     return float(np.partition(p, p.size - k)[-k:].mean())
@@ -68,11 +70,19 @@ class LocalizationResult:
     model_uncertainty: np.ndarray | None  # (S, S) float32, std of the members' probabilities
     height: int
     width: int
-    score: float  # image-level: mean of the top 0.5 % pixel probabilities (a max that one pixel cannot set)
+    # image-level: the bundle detector's calibrated probability that the image is manipulated (runtime/detector.py);
+    # for a bundle without one, the map's top-pixel score (image_score)
+    score: float
     timings_ms: dict[str, float] = field(default_factory=dict)
     members: int = 0  # ensemble members averaged (fewer than asked when an adaptive ensemble stopped early)
     # (S, S) float32: the copy-move cue's map where it ran (already fused into model_probability by a max)
     model_copy_move: np.ndarray | None = None
+    # the image-level decision (score >= the bundle's threshold); None for results made without a Localizer
+    decision: bool | None = None
+    # the mask and overlay show the map's regions: when the decision says manipulated, or when asked for all regions
+    # (``Localizer(all_regions=True)``); the probability map is the model's either way
+    regions_shown: bool = True
+    evidence: dict[str, float] = field(default_factory=dict)  # the detector's inputs, for fitting and inspection
 
     @property
     def copy_move_fraction(self) -> float | None:
@@ -100,8 +110,16 @@ class LocalizationResult:
 
     @property
     def mask(self) -> np.ndarray:
-        """(H, W) bool: probability >= 0.5 (the paper's fixed threshold), computed without the float map."""
+        """(H, W) bool: probability >= 0.5 (the paper's fixed threshold), computed without the float map; empty
+        when the image-level decision is "authentic" (unless all regions were asked for)."""
+        if not self.regions_shown:
+            return np.zeros((self.height, self.width), bool)
         return self.probability16() >= 32768
+
+    @property
+    def shown_probability(self) -> np.ndarray:
+        """(S, S): the map the overlay draws: the probability where regions are shown, zeros otherwise."""
+        return self.model_probability if self.regions_shown else np.zeros_like(self.model_probability)
 
     @cached_property
     def uncertainty(self) -> np.ndarray | None:
@@ -112,7 +130,8 @@ class LocalizationResult:
 
     @property
     def manipulated_fraction(self) -> float:
-        return float((self.model_probability >= 0.5).mean())
+        """Share of the image the mask marks (0 when the decision says authentic and regions are not shown)."""
+        return float((self.model_probability >= 0.5).mean()) if self.regions_shown else 0.0
 
 
 def parse_ensemble(ensemble: int | str | None, default: int, adaptive: AdaptiveEnsemble | None = None
@@ -133,8 +152,10 @@ def parse_ensemble(ensemble: int | str | None, default: int, adaptive: AdaptiveE
 
 class Localizer:
     def __init__(self, bundle: Bundle, backend: Backend, steps: int, ensemble: int, tta: bool, seed: int,
-                 uncertainty: bool, adaptive: AdaptiveEnsemble | None = None, copy_move: bool = True) -> None:
-        """``copy_move``: run the bundle's copy-move cue, if it has one (runtime/copy_move.py)."""
+                 uncertainty: bool, adaptive: AdaptiveEnsemble | None = None, copy_move: bool = True,
+                 all_regions: bool = False) -> None:
+        """``copy_move``: run the bundle's copy-move cue, if it has one (runtime/copy_move.py). ``all_regions``: the
+        mask shows every region of the map even for images the detector judges authentic."""
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         self.adaptive = adaptive
@@ -146,6 +167,8 @@ class Localizer:
         self.steps, self.ensemble, self.tta, self.seed, self.uncertainty = steps, ensemble, tta, seed, uncertainty
         self.plan = bundle.plan(steps)
         self.copy_move = bundle.copy_move_cue if copy_move else None
+        self.detector = bundle.detector
+        self.all_regions = all_regions
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
@@ -154,19 +177,20 @@ class Localizer:
     def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None,
              ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
              threads: int | None = None, adaptive: AdaptiveEnsemble | None = None, precision: str = "fp32",
-             copy_move: bool = True) -> Localizer:
+             copy_move: bool = True, all_regions: bool = False) -> Localizer:
         """Load and verify a bundle (sha256 of every graph) and its engines for ``backend`` at ``precision``
         (``fp32``, or a reduced precision the bundle carries: ``int8`` for CPU, ``fp16`` for CUDA).
 
         ``ensemble``: a member count, or ``"auto"`` / ``"auto:N"`` for an adaptive ensemble of at most N members
         (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``).
-        ``copy_move=False`` leaves out the bundle's copy-move cue (the model's map alone)."""
+        ``copy_move=False`` leaves out the bundle's copy-move cue (the model's map alone); ``all_regions=True`` keeps
+        the mask's regions for images judged authentic."""
         bundle = load_bundle(bundle_dir)
         n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
         engines = open_backend(bundle, backend, threads, precision)
         try:
             localizer = Localizer(bundle, engines, steps or bundle.default_steps, n, tta, seed, uncertainty, adaptive,
-                                  copy_move)
+                                  copy_move, all_regions)
         except BaseException:
             engines.close()
             raise
@@ -200,17 +224,27 @@ class Localizer:
         t1 = time.perf_counter()
         x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
         t2 = time.perf_counter()
-        prob, unc, stage, members = self._infer(x, seeds)
+        prob, unc, stage, members, spread, pooled = self._infer(x, seeds)
         t3 = time.perf_counter()
         results, cue_seconds = [], []
         for i, d in enumerate(decoded):
             p, cue = prob[i], None
+            evidence = {**map_evidence(p), **spread_evidence(spread[i], p), **encoder_evidence(pooled[i]),
+                        **CUE_SILENT}  # without the cue: a cue that found nothing
             if self.copy_move is not None:  # outside the engine lock: callers' threads overlap it with inference
-                cue, seconds = copy_move_probability(d.rgb, self.copy_move, size)
+                cue, finding, seconds = copy_move_probability(d.rgb, self.copy_move, size)
                 cue_seconds.append(seconds)
+                evidence.update(finding.evidence())
                 p = np.maximum(p, cue)
-            results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, image_score(p),
-                                              members=members, model_copy_move=cue))
+            if self.detector is not None:
+                score = self.detector.probability(evidence)
+                decision = score >= self.detector.threshold
+            else:  # a bundle without a detector: the map's top pixels, and "some region is marked"
+                score = image_score(p)
+                decision = score >= 0.5
+            results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, score,
+                                              members=members, model_copy_move=cue, decision=decision,
+                                              regions_shown=decision or self.all_regions, evidence=evidence))
         t4 = time.perf_counter()
         per_image = 1000.0 / len(images)
         for i, r in enumerate(results):
@@ -226,8 +260,10 @@ class Localizer:
         return draws.reshape(-1, self.ensemble, *draws.shape[1:])
 
     def _infer(self, x: np.ndarray, seeds: Sequence[int] | None = None
-               ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float], int]:
-        """x (B, 3, S, S) -> probability (B, S, S), uncertainty (B, S, S) or None, stage seconds, members used."""
+               ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float], int, np.ndarray, np.ndarray]:
+        """x (B, 3, S, S) -> probability (B, S, S), uncertainty (B, S, S) or None, stage seconds, members used,
+        the members' spread of the final mask latent (B, h, w) and the pooled condition features (B, 2C), both of the
+        unflipped views (the detector's inputs)."""
         b, n = x.shape[0], self.ensemble
         views = np.concatenate([x, x[..., ::-1]]) if self.tta else x  # flipped copies are extra "images"
         v = views.shape[0]
@@ -266,10 +302,14 @@ class Localizer:
                 member_prob = decoder.run({"latents": members})["probability"].reshape(v, used, *prob.shape[1:])
                 unc = member_prob.std(axis=1)
             t3 = time.perf_counter()
+        mask_channels = int(self.bundle.manifest["latent"].get("mask_channels", 4))
+        spread = z[:b, :used, :mask_channels].std(axis=1).mean(axis=1)  # (B, h, w); 0 for one member
+        pooled = np.concatenate([cond[:b].mean(axis=(2, 3)), cond[:b].max(axis=(2, 3))], axis=1)
         if self.tta:  # flip back, merge by pixel-wise max (the authors' TTA)
             prob = np.maximum(prob[:b], prob[b:, :, ::-1])
             unc = None if unc is None else np.maximum(unc[:b], unc[b:, :, ::-1])
-        return prob, unc, {"encoder": t1 - t0, "unet_steps": unet_s, "decoder": t3 - t1 - unet_s}, used
+        stages = {"encoder": t1 - t0, "unet_steps": unet_s, "decoder": t3 - t1 - unet_s}
+        return prob, unc, stages, used, spread, pooled
 
     def _denoise(self, latents: np.ndarray, cond: np.ndarray) -> np.ndarray:
         p = self.plan

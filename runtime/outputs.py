@@ -26,13 +26,16 @@ def heat_overlay(rgb: np.ndarray, probability: np.ndarray, alpha: float = 0.5) -
 
 def write_outputs(result: LocalizationResult, rgb: np.ndarray, out_dir: Path, stem: str) -> dict[str, str]:
     """Write ``<stem>_mask.png``, ``<stem>_prob.png`` (16-bit), ``<stem>_overlay.png`` (at the decoded size)
-    and, when computed, ``<stem>_uncertainty.png`` (16-bit); returns their paths by kind."""
+    and, when computed, ``<stem>_uncertainty.png`` (16-bit); returns their paths by kind. The mask and the overlay
+    follow the image-level decision (empty for an image judged authentic, unless all regions were asked for); the
+    probability map is the model's, always."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prob16 = result.probability16()
     paths = {"prob": write_png(out_dir / f"{stem}_prob.png", prob16)}
-    paths["mask"] = write_png(out_dir / f"{stem}_mask.png", ((prob16 >= 32768) * np.uint8(255)).astype(np.uint8))
-    del prob16
-    paths["overlay"] = write_png(out_dir / f"{stem}_overlay.png", heat_overlay(rgb, result.model_probability))
+    marked = (prob16 >= 32768) & result.regions_shown  # empty for an image judged authentic
+    paths["mask"] = write_png(out_dir / f"{stem}_mask.png", (marked * np.uint8(255)).astype(np.uint8))
+    del prob16, marked
+    paths["overlay"] = write_png(out_dir / f"{stem}_overlay.png", heat_overlay(rgb, result.shown_probability))
     unc16 = result.uncertainty16()
     if unc16 is not None:
         paths["uncertainty"] = write_png(out_dir / f"{stem}_uncertainty.png", unc16)

@@ -10,8 +10,10 @@ Columns (one row per input and run; JSON columns are strings):
 - ``path``: the input: an absolute local path or a URI (the row's key).
 - ``sha256``: hex sha256 of the input's bytes; null when they could not be read.
 - ``width``, ``height``: original size in pixels; null when not decoded.
-- ``score``: image-level score (mean of the top 0.5 % pixel probabilities); ``manipulated_fraction``: share of
-  pixels with probability >= 0.5 (at the model's resolution); ``members``: ensemble members averaged;
+- ``score``: image-level score: the bundle detector's calibrated probability that the image is manipulated (for a
+  bundle without a detector: the mean of the top 0.5 % pixel probabilities); ``decision``: score >= the bundle's
+  threshold (manipulated); ``manipulated_fraction``: share of pixels the mask marks (at the model's resolution; 0
+  when the decision says authentic, unless ``--all-regions``); ``members``: ensemble members averaged;
   ``copy_move_fraction``: share of pixels the bundle's copy-move cue marks (null without the cue).
 - ``backend``, ``steps``, ``ensemble``, ``seed``: how the row was computed; ``bundle_sha256s``: JSON
   {graph: sha256} of the bundle's fp32 graphs.
@@ -38,7 +40,7 @@ from diffiml.files import atomic_path
 ROWS_DIR = "rows"
 SCHEMA = pa.schema([
     ("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("score", pa.float64()), ("manipulated_fraction", pa.float64()), ("members", pa.int32()),
+    ("score", pa.float64()), ("decision", pa.bool_()), ("manipulated_fraction", pa.float64()), ("members", pa.int32()),
     ("copy_move_fraction", pa.float64()),
     ("backend", pa.string()), ("bundle_sha256s", pa.string()), ("steps", pa.int32()), ("ensemble", pa.int32()),
     ("seed", pa.int64()), ("timings_ms", pa.string()), ("outputs", pa.string()), ("error", pa.string()),

@@ -92,7 +92,8 @@ class ScanWorker:
         self.localizer = Localizer.open(settings["bundle"], backend=settings["backend"], steps=settings["steps"],
                                         ensemble=settings["ensemble_spec"], tta=settings["tta"],
                                         seed=settings["seed"], uncertainty=settings["uncertainty"], threads=threads,
-                                        precision=settings["precision"], copy_move=settings["copy_move_cue"])
+                                        precision=settings["precision"], copy_move=settings["copy_move_cue"],
+                                        all_regions=settings.get("all_regions", False))
         if self.localizer.bundle.sha256s != settings["bundle_sha256s"]:
             raise BundleError(f"{settings['bundle']}: this node's bundle differs from the driver's")
         self._fixed = {"backend": self.localizer.backend, "bundle_sha256s": json.dumps(settings["bundle_sha256s"]),
@@ -136,7 +137,7 @@ class ScanWorker:
         except Exception as exc:  # noqa: BLE001 - a row with the reason, never a failed job
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return {"error": f"{source}: {type(exc).__name__}: {message}", "error_kind": "run"}
-        return {"width": result.width, "height": result.height, "score": result.score,
+        return {"width": result.width, "height": result.height, "score": result.score, "decision": result.decision,
                 "manipulated_fraction": result.manipulated_fraction, "members": result.members,
                 "copy_move_fraction": result.copy_move_fraction,
                 "outputs": json.dumps({k: f"{self.maps_dir.name}/{Path(v).name}" for k, v in files.items()})}

@@ -99,7 +99,8 @@ class TritonLocalizer:
             model_uncertainty=None if unc is None else np.ascontiguousarray(unc),
             height=int(info["height"]), width=int(info["width"]),
             score=float(response.as_numpy("score").reshape(-1)[0]), timings_ms=dict(info.get("timings_ms", {})),
-            members=int(info.get("members", 0)))
+            members=int(info.get("members", 0)), decision=info.get("decision"),
+            regions_shown=bool(info.get("regions_shown", True)))
         return ServerResult(result, info)
 
     def close(self) -> None:

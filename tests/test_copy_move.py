@@ -134,3 +134,56 @@ def test_version_3_bundles_load_without_the_cue(tiny_bundle: Path, tmp_path: Pat
 
     bundle = load_bundle(_bundle_copy(tiny_bundle, tmp_path, version3))
     assert bundle.copy_move_cue is None
+
+
+def _object(seed: int, detail_seed: int, size: int = 320) -> np.ndarray:
+    """Coarse content (shapes, shading) of ``seed`` with fine detail of its own (``detail_seed``): two windows of one
+    facade share the first, never the second."""
+    rng, img = np.random.default_rng(seed), np.zeros((size, size, 3), np.float32)
+    for sigma, std in ((3.0, 20.0), (9.0, 30.0)):
+        layer = cv2.GaussianBlur(rng.normal(0, 1, (size, size, 3)).astype(np.float32), (0, 0), sigma)
+        img += std * layer / layer.std()
+    detail = np.random.default_rng(detail_seed).normal(0, 1, (size, size, 3)).astype(np.float32)
+    detail = cv2.GaussianBlur(detail, (0, 0), 1.0)
+    return np.clip(img + 6.0 * detail / detail.std() + 128, 0, 255).astype(np.uint8)
+
+
+def test_a_copy_carries_its_fine_detail_and_a_repetition_does_not() -> None:
+    """The same coarse content twice: copied pixel for pixel (a copy-move) it is marked; repeated with fine detail of
+    its own (a facade's second window) it passes content verification but not the residual check, and the mask stays
+    empty."""
+    copied, truth = _copy(_object(5, 99), (30, 40), (170, 190), 90)
+    repeated = _object(5, 99)
+    twin, _ = _copy(_object(5, 100), (30, 40), (170, 190), 90)  # the same object, its own fine detail
+    disc = np.zeros((90, 90), np.uint8)
+    cv2.circle(disc, (45, 45), 44, 1, -1)
+    repeated[170:260, 190:280][disc > 0] = twin[170:260, 190:280][disc > 0]
+    cue = CopyMoveCue()
+    copy_finding, repeat_finding = find_copy_moves(copied, cue), find_copy_moves(repeated, cue)
+    assert repeat_finding.candidates >= 1, "the repetition must pass content verification for the test to mean much"
+    assert copy_finding.residual > 0.5 > cue.residual_threshold > repeat_finding.residual
+    assert not repeat_finding.mask.any() and repeat_finding.transforms == 0
+    assert pixel_f1(copy_finding.mask.astype(bool), truth) > 0.7
+    # what content verification found is the detector's evidence, whatever the threshold
+    assert repeat_finding.evidence()["cue_area"] > 0 and repeat_finding.evidence()["cue_transforms"] >= 1
+
+
+def test_each_keypoint_pair_counts_once() -> None:
+    from diffiml.runtime.copy_move import unique_pairs
+
+    a, b = (10.0, 20.0), (200.0, 220.0)
+    pairs = np.array([[a, b], [b, a], [a, b], [(11.0, 20.0), (201.0, 220.0)]], np.float32)
+    assert len(unique_pairs(pairs)) == 2
+
+
+@pytest.mark.parametrize("setting", ["neighbours", "min_inliers", "max_keypoints", "max_side"])
+def test_cue_settings_that_would_break_it_are_refused(setting: str) -> None:
+    entry = {**CopyMoveCue().manifest(), setting: 0}
+    with pytest.raises(BundleError, match=setting):
+        CopyMoveCue.from_manifest(entry, "manifest.json")
+
+
+def test_bundles_written_before_the_residual_check_keep_their_behaviour() -> None:
+    entry = CopyMoveCue().manifest()
+    del entry["residual_threshold"]
+    assert CopyMoveCue.from_manifest(entry, "manifest.json").residual_threshold == 0.0
