@@ -1,5 +1,7 @@
 """The forensic report: one static ``report.html`` beside a run's maps, opened from the file system (no server, no
-external assets), ranking the images by score with overlay thumbnails, the run's settings and its failures.
+external assets). It opens on the images ranked by score (the detector's calibrated probability) with their
+decision and overlay thumbnails, a "manipulated only" filter and a viewer (image, heat map, overlay side by side);
+the failures and the run's settings (collapsed) follow.
 
 It reads a ``diffiml scan`` folder (``scan.json`` + the scan table) or a ``diffiml localize --report`` folder
 (``localize.json``). Rows travel as one JSON array inside the page and inline JavaScript renders one page of them
@@ -26,6 +28,7 @@ LOCALIZE_RUN = "localize.json"
 SCAN_SETTINGS = "scan.json"
 THUMBS = "thumbs"
 THUMB_SIDE = 160  # px, longest side of a thumbnail
+VIEW_SIDE = 768  # px, longest side of the viewer's image and heat map
 PAGE_SIZE = 100  # rows per page
 MAP_KINDS = ("mask", "prob", "overlay", "uncertainty")
 # The header's settings, in this order, before any other the run recorded.
@@ -73,8 +76,8 @@ def write_localize_run(out_dir: Path, settings: dict[str, Any], records: list[di
     ``localize --report`` run. ``records`` are localize's JSON records (+ width, height) or {path, error}."""
     rows = []
     for record in records:
-        row = {k: record.get(k) for k in ("path", "score", "manipulated_fraction", "members", "copy_move_fraction",
-                                          "backend", "width", "height", "timings_ms")}
+        row = {k: record.get(k) for k in ("path", "score", "decision", "manipulated_fraction", "members",
+                                          "copy_move_fraction", "backend", "width", "height", "timings_ms")}
         row["error"] = record.get("error")
         # localize's paths are relative to the working folder (or absolute), not to out_dir
         row["outputs"] = {kind: _relative(out_dir, os.path.abspath(p)) or str(p)
@@ -99,11 +102,14 @@ def render_report(out_dir: str | Path, settings: dict[str, Any], rows: list[dict
     failed = [r for r in rows if r.get("error")]
     maps = [_maps(out_dir, r["outputs"]) for r in done]
     thumbs = _make_thumbs(out_dir, [(m.get("overlay"), m.get("uncertainty")) for m in maps])
-    page_rows = [_page_row(i + 1, r, m, t) for i, (r, m, t) in enumerate(zip(done, maps, thumbs, strict=True))]
+    views = _make_views(out_dir, done, maps)
+    page_rows = [_page_row(i + 1, r, m, t, v)
+                 for i, (r, m, t, v) in enumerate(zip(done, maps, thumbs, views, strict=True))]
     title = title or f"diffiml report: {out_dir.resolve().name}"
     data = json.dumps({"page_size": max(1, page_size), "rows": page_rows}, separators=(",", ":"))
     page = PAGE.format(title=_esc(title), style=STYLE, settings=_settings_html(settings, done),
                         done=len(done), failed=len(failed), failures=_failures_html(failed), data=_script_json(data),
+                        manipulated=sum(1 for r in done if r.get("decision") is True),
                         script=SCRIPT)
     path = out_dir / REPORT_NAME
     write_text_atomic(path, page)
@@ -181,11 +187,85 @@ def thumbnail(out_dir: Path, rel: str, side: int = THUMB_SIDE) -> str | None:
     if scale < 1:
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:
-        if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 80]):
-            return None
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:  # raise inside: a `return` here would rename the empty temporary into place
+            if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 80]):
+                raise OSError(f"{dst}: could not be written")
+    except (OSError, cv2.error):
+        return None
     return thumb_rel
+
+
+def _make_views(out_dir: Path, rows: list[dict[str, Any]], maps: list[dict[str, str]]
+                ) -> list[tuple[str | None, str | None]]:
+    """Per row, the viewer's image (a JPEG of the input, when it can still be read) and its heat map (the
+    probability map colour-mapped), both beside the thumbnails and made once."""
+    jobs = [(row.get("path"), m.get("overlay"), m.get("prob")) for row, m in zip(rows, maps, strict=True)]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda job: (image_view(out_dir, *job[:2]), heat_view(out_dir, job[2])), jobs))
+
+
+def _view_path(rel: str, suffix: str) -> str:
+    return f"{THUMBS}/{Path(rel).with_suffix('').as_posix()}{suffix}.jpg"
+
+
+def image_view(out_dir: Path, source: str | None, overlay_rel: str | None, side: int = VIEW_SIDE) -> str | None:
+    """``thumbs/<overlay>_image.jpg``: the input at most ``side`` px long, for the viewer; kept once made (the input
+    may since have moved). None when the input cannot be read."""
+    import cv2
+
+    if not source or not overlay_rel:
+        return None
+    view_rel = _view_path(overlay_rel, "_image")
+    dst = out_dir / view_rel
+    if dst.is_file():
+        return view_rel
+    try:
+        flags = cv2.IMREAD_REDUCED_COLOR_2 if os.path.getsize(source) > 4 << 20 else cv2.IMREAD_COLOR
+        image = cv2.imread(str(source), flags)
+    except (OSError, cv2.error):
+        return None
+    return view_rel if image is not None and _write_jpeg(dst, image, side) else None
+
+
+def heat_view(out_dir: Path, prob_rel: str | None, side: int = VIEW_SIDE) -> str | None:
+    """``thumbs/<prob>_heat.jpg``: the 16-bit probability map in a colour map, made again when the map is newer."""
+    import cv2
+    import numpy as np
+
+    if not prob_rel:
+        return None
+    src, view_rel = out_dir / prob_rel, _view_path(prob_rel, "_heat")
+    dst = out_dir / view_rel
+    try:
+        if dst.is_file() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
+            return view_rel
+        prob = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    except (OSError, cv2.error):
+        return None
+    if prob is None or prob.size == 0:
+        return None
+    scale = 255 / 65535 if prob.dtype == np.uint16 else 1.0
+    heat = cv2.applyColorMap((prob.astype(np.float32) * scale).astype(np.uint8), cv2.COLORMAP_JET)
+    return view_rel if _write_jpeg(dst, heat, side) else None
+
+
+def _write_jpeg(dst: Path, image: Any, side: int) -> bool:
+    import cv2
+
+    scale = side / max(image.shape[:2])
+    if scale < 1:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:  # a failed write must raise inside, or the empty temporary is renamed
+            if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 85]):
+                raise OSError(f"{dst}: could not be written")
+    except (OSError, cv2.error):
+        return False
+    return True
 
 
 def _href(rel: str | None) -> str | None:
@@ -193,8 +273,8 @@ def _href(rel: str | None) -> str | None:
     return quote(rel, safe="/") if rel else None
 
 
-def _page_row(rank: int, row: dict[str, Any], maps: dict[str, str],
-              thumbs: tuple[str | None, str | None]) -> dict[str, Any]:
+def _page_row(rank: int, row: dict[str, Any], maps: dict[str, str], thumbs: tuple[str | None, str | None],
+              views: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
     """One ranked row as the page's script reads it (short keys: 10 000 of them travel inside the page)."""
     def number(key: str) -> float | None:
         value = row.get(key)
@@ -202,7 +282,8 @@ def _page_row(rank: int, row: dict[str, Any], maps: dict[str, str],
 
     return {"r": rank, "p": str(row.get("path", "")), "s": number("score"), "f": number("manipulated_fraction"),
             "w": row.get("width"), "h": row.get("height"), "sha": row.get("sha256"), "m": row.get("members"),
-            "t": _href(thumbs[0]), "u": _href(thumbs[1]),
+            "d": row.get("decision") if isinstance(row.get("decision"), bool) else None,
+            "t": _href(thumbs[0]), "u": _href(thumbs[1]), "v": _href(views[0]), "hm": _href(views[1]),
             "l": [[kind, _href(maps[kind])] for kind in MAP_KINDS if kind in maps]}
 
 

@@ -17,14 +17,27 @@ table.settings td{font-family:monospace;word-break:break-all}
 .path{font-family:monospace;word-break:break-all}
 .sha{font-family:monospace;color:#666;font-size:.85em;word-break:break-all}
 .maps a{margin-right:.6em}
+.decision.yes{color:#a00;font-weight:600}.decision.no{color:#276}
+#ranked tr.row{cursor:pointer}#ranked tr.row:hover{background:#f3f6ff}
+.filter{margin-left:1em}
+details.settings-box{margin-top:1.5em}details.settings-box summary{cursor:pointer;font-weight:600}
+#viewer{border:1px solid #888;border-radius:6px;padding:1em;max-width:96vw;width:96vw}
+#viewer .panes{display:flex;gap:1em}#viewer figure{margin:0;flex:1;text-align:center}
+#viewer img{max-width:100%;max-height:70vh;object-fit:contain;background:#eee}
+#viewer figcaption{font-size:.9em;color:#555}
 """
 
 SCRIPT = """
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("report-data").textContent);
-  var rows = data.rows, size = data.page_size, pages = Math.max(1, Math.ceil(rows.length / size));
-  var body = document.getElementById("rows");
+  var all = data.rows, size = data.page_size, rows = all, pages = 1;
+  var body = document.getElementById("rows"), only = document.getElementById("only-manipulated");
+  var viewer = document.getElementById("viewer");
+  function filter() {
+    rows = only.checked ? all.filter(function (r) { return r.d === true; }) : all;
+    pages = Math.max(1, Math.ceil(rows.length / size));
+  }
   function el(tag, cls, text) {
     var e = document.createElement(tag);
     if (cls) e.className = cls;
@@ -34,6 +47,20 @@ SCRIPT = """
   function current() {
     var m = /page=(\\d+)/.exec(location.hash), p = m ? parseInt(m[1], 10) : 1;
     return Math.min(Math.max(p, 1), pages);
+  }
+  function show(r, links) {
+    var panes = viewer.querySelector(".panes");
+    var items = [["image", r.v], ["heat map", r.hm], ["overlay", links.overlay]];
+    panes.replaceChildren.apply(panes, items.map(function (item) {
+      var fig = el("figure"), img;
+      if (item[1]) { img = el("img"); img.alt = item[0] + " of " + r.p; img.src = item[1]; fig.appendChild(img); }
+      else fig.appendChild(el("div", "none", "not available"));
+      fig.appendChild(el("figcaption", null, item[0]));
+      return fig;
+    }));
+    viewer.querySelector(".title").textContent = r.p + " \\u00b7 score " + fixed(r.s, 4) + " \\u00b7 " +
+      (r.d === true ? "manipulated" : r.d === false ? "authentic" : "no decision");
+    if (!viewer.open) viewer.showModal();
   }
   function thumb(src, full, alt) {
     if (!src) return el("span", "none", "\\u2014");
@@ -57,6 +84,8 @@ SCRIPT = """
       td = el("td"); td.appendChild(thumb(r.t, links.overlay, "overlay of " + r.p)); tr.appendChild(td);
       td = el("td"); td.appendChild(thumb(r.u, links.uncertainty, "uncertainty of " + r.p)); tr.appendChild(td);
       tr.appendChild(el("td", "num score", fixed(r.s, 4)));
+      tr.appendChild(el("td", "decision " + (r.d === true ? "yes" : r.d === false ? "no" : ""),
+                        r.d === true ? "manipulated" : r.d === false ? "authentic" : "\\u2014"));
       tr.appendChild(el("td", "num fraction", r.f === null ? "\\u2014" : (100 * r.f).toFixed(2) + " %"));
       tr.appendChild(el("td", "num size", r.w && r.h ? r.w + " \\u00d7 " + r.h : "\\u2014"));
       tr.appendChild(el("td", "num members", r.m));
@@ -68,17 +97,25 @@ SCRIPT = """
       td = el("td", "maps");
       r.l.forEach(function (kv) { var a = el("a", null, kv[0]); a.href = kv[1]; td.appendChild(a); });
       tr.appendChild(td);
+      tr.addEventListener("click", function (event) {
+        if (event.target.closest("a")) return;  // a link opens its file
+        show(r, links);
+      });
       frag.appendChild(tr);
     });
     body.replaceChildren(frag);
     var text = rows.length ? "rows " + (first + 1) + "\\u2013" + (first + shown.length) + " of " + rows.length +
-      " \\u00b7 page " + p + " of " + pages : "no localized images";
+      " \\u00b7 page " + p + " of " + pages : (only.checked ? "no image judged manipulated" : "no localized images");
     document.querySelectorAll(".where").forEach(function (e) { e.textContent = text; });
     document.querySelectorAll("button.prev").forEach(function (b) { b.disabled = p <= 1; });
     document.querySelectorAll("button.next").forEach(function (b) { b.disabled = p >= pages; });
     document.body.setAttribute("data-page", String(p));
   }
   function go(delta) { location.hash = "page=" + (current() + delta); }
+  only.addEventListener("change", function () { filter(); location.hash = "page=1"; render(); });
+  viewer.querySelector("button.close").onclick = function () { viewer.close(); };
+  viewer.addEventListener("click", function (event) { if (event.target === viewer) viewer.close(); });
+  filter();
   document.querySelectorAll("button.prev").forEach(function (b) { b.onclick = function () { go(-1); }; });
   document.querySelectorAll("button.next").forEach(function (b) { b.onclick = function () { go(1); }; });
   window.addEventListener("hashchange", function () { render(); window.scrollTo(0, 0); });
@@ -101,19 +138,27 @@ PAGE = """<!doctype html>
 <body>
 <header>
 <h1>{title}</h1>
-<table class="settings">
-{settings}
-</table>
-<p class="counts"><strong id="n-done">{done}</strong> done &middot; <strong id="n-failed">{failed}</strong> failed</p>
+<p class="counts"><strong id="n-done">{done}</strong> done &middot; <strong id="n-manipulated">{manipulated}</strong>
+judged manipulated &middot; <strong id="n-failed">{failed}</strong> failed
+<label class="filter"><input type="checkbox" id="only-manipulated"> manipulated only</label></p>
+<p class="hint">Ranked by score: the calibrated probability that the image was manipulated. Click a row to see the
+image, its heat map and the overlay side by side.</p>
 </header>
-{failures}
 """ + PAGER + """
 <table id="ranked">
-<thead><tr><th>rank</th><th>overlay</th><th>uncertainty</th><th>score</th><th>manipulated</th><th>size</th>
-<th>members</th><th>image</th><th>maps</th></tr></thead>
+<thead><tr><th>rank</th><th>overlay</th><th>uncertainty</th><th>score</th><th>decision</th><th>marked</th>
+<th>size</th><th>members</th><th>image</th><th>maps</th></tr></thead>
 <tbody id="rows"></tbody>
 </table>
 """ + PAGER + """
+<dialog id="viewer"><p><button type="button" class="close">close</button> <span class="title"></span></p>
+<div class="panes"></div></dialog>
+{failures}
+<details class="settings-box"><summary>Settings</summary>
+<table class="settings">
+{settings}
+</table>
+</details>
 <noscript>The ranked rows are drawn by the page's own script: allow JavaScript for this file.</noscript>
 <script type="application/json" id="report-data">{data}</script>
 <script>{script}</script>

@@ -276,3 +276,35 @@ def test_pages_turn_in_score_order_and_every_image_of_a_page_loads(tmp_path, pag
     page.wait_for_function("document.body.dataset.page === '2'")
     assert _shown_paths(page) == expected[PAGE_SIZE:2 * PAGE_SIZE]
     assert page.inner_text(".where >> nth=0") == f"rows {PAGE_SIZE + 1}–{2 * PAGE_SIZE} of {n} · page 2 of 3"
+
+
+def test_the_filter_shows_manipulated_images_only_and_a_click_opens_the_viewer(tmp_path, page):
+    """Rows judged manipulated and authentic: the filter keeps the first in score order; a click on a row shows the
+    input, its heat map and the overlay side by side, every one loaded; the settings sit collapsed below."""
+    rows = []
+    for i in range(6):
+        stem = f"img{i}"
+        cv2.imwrite(str(tmp_path / f"{stem}.png"), np.full((24, 40, 3), 40 * i, np.uint8))  # the input itself
+        outputs = _overlay(tmp_path, stem, i)
+        cv2.imwrite(str(tmp_path / f"{stem}_prob.png"), np.full((24, 40), 9000 * i, np.uint16))
+        outputs["prob"] = f"{stem}_prob.png"
+        rows.append({**_row(str(tmp_path / f"{stem}.png"), i / 10, outputs), "decision": i % 2 == 1})
+    page.goto(render_report(tmp_path, {"bundle": "engines/x"}, rows).as_uri())
+    assert page.inner_text("#n-manipulated") == "3"
+    assert page.evaluate("document.querySelector('details.settings-box').open") is False
+    assert page.evaluate("document.querySelector('#ranked').compareDocumentPosition("
+                         "document.querySelector('details.settings-box')) & Node.DOCUMENT_POSITION_FOLLOWING")
+    everything = _shown_paths(page)
+    assert everything == [r["path"] for r in sorted(rows, key=lambda r: -r["score"])]
+    page.check("#only-manipulated")
+    assert _shown_paths(page) == [p for p in everything if int(Path(p).stem[3:]) % 2 == 1]
+    assert page.eval_on_selector_all("#rows td.decision", "c => c.map(x => x.textContent)") == ["manipulated"] * 3
+    page.locator("#rows tr.row .path").first.click()
+    page.wait_for_function("document.getElementById('viewer').open")
+    page.wait_for_function("Array.from(document.querySelectorAll('#viewer img')).every(i => i.complete)")
+    loaded = page.eval_on_selector_all("#viewer img", "imgs => imgs.map(i => [i.alt.split(' of ')[0], i.naturalWidth])")
+    assert [kind for kind, _ in loaded] == ["image", "heat map", "overlay"] and all(w > 0 for _, w in loaded)
+    assert "manipulated" in page.inner_text("#viewer .title")
+    page.click("#viewer button.close")
+    page.uncheck("#only-manipulated")
+    assert _shown_paths(page) == everything
