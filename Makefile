@@ -38,8 +38,10 @@ $(SERVE_STAMP): pyproject.toml | $(SERVE_VENV)/bin/python
 
 serve-env: $(SERVE_STAMP)
 
-# The default engine bundle, regenerated whenever the shipped checkpoint or the exporter changes.
-$(BUNDLE)/manifest.json: $(STAMP) $(MODEL)/model.safetensors $(MODEL)/config.json $(wildcard export/*.py)
+# The default engine bundle, regenerated whenever the shipped checkpoint, its fitted detector, the exporter or the
+# manifest sections the runtime defines (copy-move cue, detector) change.
+$(BUNDLE)/manifest.json: $(STAMP) $(MODEL)/model.safetensors $(MODEL)/config.json $(wildcard $(MODEL)/detector.json) \
+		$(wildcard export/*.py) runtime/copy_move.py runtime/detector.py
 	$(BIN)/diffiml export $(MODEL) --out $(BUNDLE)
 
 bundle: $(BUNDLE)/manifest.json

@@ -27,7 +27,7 @@ from diffiml.runtime.detector import Detector
 
 MAP = ("map_top", "map_max", "map_mean", "map_area", "map_largest")
 SPREAD = ("spread_mean", "spread_marked")
-CUE = ("cue_area", "cue_transforms", "cue_residual", "cue_pairs")
+CUE = ("cue_area", "cue_transforms", "cue_residual", "cue_exact", "cue_pairs")
 STRENGTHS = (0.1, 1.0, 10.0, 100.0)
 FOLDS = 4
 
@@ -63,8 +63,8 @@ def photo_of(row: dict[str, Any], sources: dict[str, str]) -> str:
 
 def calibration_mask(rows: list[dict[str, Any]], sources: dict[str, str], fraction: float) -> np.ndarray:
     """True for rows whose source photo falls in the held-out calibration part (a stable hash of the photo)."""
-    def held_out(photo: str) -> bool:
-        return int(hashlib.sha1(photo.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+    def held_out(photo: str) -> bool:  # salted: make-synthetic's own split hashes the same paths
+        return int(hashlib.sha1(f"calibration:{photo}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
     return np.array([held_out(photo_of(r, sources)) for r in rows])
 
 
@@ -157,7 +157,7 @@ def fit_detector(rows: list[dict[str, Any]], sources: dict[str, str], checkpoint
             raise FitError(f"unknown feature set {only!r}; choose one of {list(sets)}")
         sets = {only: sets[only]}
     photos = [photo_of(r, sources) for r, held in zip(rows, cal, strict=True) if not held]
-    folds = np.array([int(hashlib.sha1(p.encode()).hexdigest()[8:16], 16) % FOLDS for p in photos])
+    folds = np.array([int(hashlib.sha1(f"fold:{p}".encode()).hexdigest()[:8], 16) % FOLDS for p in photos])
     candidates = []
     for name, names in sets.items():
         x = np.array([[r["evidence"][n] for n in names] for r in rows], np.float64)

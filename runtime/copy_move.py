@@ -36,6 +36,10 @@ import numpy as np
 from diffiml.runtime.errors import BundleError
 
 METHOD = "sift-g2nn-affine-ncc"
+# Residual agreement beyond what natural repetitions reach: on the detector's fitting images (training photos only),
+# 1.5 % of authentic images show more than 0.7, against 24 % of copy-moves. What lies above it is the detector's
+# "near-exact copy" input, so a linear model can give a verified copy the weight it deserves.
+EXACT_RESIDUAL = 0.7
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,8 @@ class CopyMoveFinding:
         """The detector's cue inputs: what content verification found and how well its best pair's noise agrees
         (independent of ``residual_threshold``, which only decides what the mask shows)."""
         return {"cue_area": self.candidate_fraction, "cue_transforms": float(self.candidates),
-                "cue_residual": self.residual, "cue_pairs": float(np.log1p(self.pairs))}
+                "cue_residual": self.residual, "cue_exact": max(0.0, self.residual - EXACT_RESIDUAL),
+                "cue_pairs": float(np.log1p(self.pairs))}
 
 
 def _g2nn(query: np.ndarray, train: np.ndarray, ratio: float, k: int, same: bool) -> list[tuple[int, int]]:

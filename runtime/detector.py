@@ -60,7 +60,7 @@ def encoder_evidence(pooled: np.ndarray) -> dict[str, float]:
 
 # The copy-move cue's inputs when it did not run (``--no-copy-move``, a bundle without a cue): a cue that found
 # nothing. What it found otherwise: ``CopyMoveFinding.evidence`` (runtime/copy_move.py).
-CUE_SILENT = {"cue_area": 0.0, "cue_transforms": 0.0, "cue_residual": 0.0, "cue_pairs": 0.0}
+CUE_SILENT = {"cue_area": 0.0, "cue_transforms": 0.0, "cue_residual": 0.0, "cue_exact": 0.0, "cue_pairs": 0.0}
 
 
 def _sigmoid(x: float) -> float:

@@ -226,14 +226,16 @@ class Localizer:
         t2 = time.perf_counter()
         prob, unc, stage, members, spread, pooled = self._infer(x, seeds)
         t3 = time.perf_counter()
-        results, cue_seconds = [], []
+        results, cue_seconds, decision_seconds = [], [], []
         for i, d in enumerate(decoded):
             p, cue = prob[i], None
+            s0 = time.perf_counter()
             evidence = {**map_evidence(p), **spread_evidence(spread[i], p), **encoder_evidence(pooled[i]),
                         **CUE_SILENT}  # without the cue: a cue that found nothing
             if self.copy_move is not None:  # outside the engine lock: callers' threads overlap it with inference
                 cue, finding, seconds = copy_move_probability(d.rgb, self.copy_move, size)
                 cue_seconds.append(seconds)
+                s0 += seconds  # the cue's own time is reported apart
                 evidence.update(finding.evidence())
                 p = np.maximum(p, cue)
             if self.detector is not None:
@@ -242,6 +244,7 @@ class Localizer:
             else:  # a bundle without a detector: the map's top pixels, and "some region is marked"
                 score = image_score(p)
                 decision = score >= 0.5
+            decision_seconds.append(time.perf_counter() - s0)
             results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, score,
                                               members=members, model_copy_move=cue, decision=decision,
                                               regions_shown=decision or self.all_regions, evidence=evidence))
@@ -251,7 +254,8 @@ class Localizer:
             r.timings_ms = {"decode": (t1 - t0) * per_image, "preprocess": (t2 - t1) * per_image,
                             **{k: v * per_image for k, v in stage.items()},
                             **({"copy_move": cue_seconds[i] * 1000.0} if cue_seconds else {}),
-                            "postprocess": (t4 - t3 - sum(cue_seconds)) * per_image}
+                            "decision": decision_seconds[i] * 1000.0,
+                            "postprocess": (t4 - t3 - sum(cue_seconds) - sum(decision_seconds)) * per_image}
         return results
 
     def _noise_blocks(self, seed: int) -> np.ndarray:
