@@ -79,7 +79,7 @@ def _rows(n: int, seed: int) -> list[dict]:
         ev = {"map_top": float(rng.normal(0.7 if manipulated else 0.4, 0.15)), "map_max": float(rng.random()),
               "map_mean": float(rng.random()), "map_area": float(rng.random()), "map_largest": float(rng.random()),
               "spread_mean": float(rng.random()), "spread_marked": float(rng.random()),
-              "cue_area": 0.0, "cue_transforms": 0.0, "cue_pairs": float(rng.random()),
+              "cue_area": 0.0, "cue_transforms": 0.0, "cue_pairs": float(rng.random()), "cue_exact": 0.0,
               "cue_residual": float(rng.normal(0.6 if manipulated else 0.2, 0.1)), "cond_mean_0": float(rng.random()),
               "cond_max_0": float(rng.random())}
         rows.append({"image": f"/data/Tp/{i:05d}.png", "manipulated": manipulated, "evidence": ev})
