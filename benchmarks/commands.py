@@ -30,8 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
                    help="score a discriminative-baseline checkpoint (Table 5) instead of the bundle")
-    p.add_argument("--all-regions", action="store_true",
-                   help="score every region of the map, also on images the detector judges authentic")
+    p.add_argument("--follow-decision", action="store_true",
+                   help="score masks that follow the detector's decision (empty for images judged authentic)")
     p.add_argument("--rows", default=None, metavar="FILE",
                    help="also write every image's row (scores, decision, F1, the detector's evidence) as JSON lines; "
                         "what `diffiml fit-detector` reads")
@@ -199,7 +199,7 @@ def evaluate(args: argparse.Namespace) -> int:
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, adaptive=adaptive_policy(args),
                                    precision=args.precision, copy_move=args.copy_move,
-                                   all_regions=args.all_regions)
+                                   follow_decision=args.follow_decision)
     names = args.name or [Path(d).stem for d in args.data]
     if args.protocol:
         from diffiml.benchmarks.protocols import locate

@@ -52,7 +52,7 @@ def evaluate(localizer: Localizer | BaselinePredictor, samples: list, name: str,
             continue
         result = localizer.localize(rgb)
         prob = result.probability
-        pred = result.mask  # empty where the image-level decision says authentic (unless all regions are shown)
+        pred = result.mask  # empty where the decision says authentic, if the Localizer follows it
         rows.append({
             "image": str(sample.image), "manipulated": bool(truth.any()), "score": result.score,
             "decision": result.decision, "marked": bool(pred.any()), "marked_fraction": float(pred.mean()),

@@ -46,10 +46,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--out", required=True, help="detector.json, beside the checkpoint (export reads it there)")
     f.add_argument("--false-alarm-rate", type=float, default=0.05,
                    help="the decision threshold's target share of authentic images judged manipulated")
-    f.add_argument("--calibration-fraction", type=float, default=0.25, help="photos held out for calibration")
+    f.add_argument("--calibration", nargs="*", default=[], metavar="ROWS",
+                   help="eval --rows of images from photos the model never saw (make-synthetic's calibration.json): "
+                        "Platt scaling and the threshold are set on them")
+    f.add_argument("--calibration-fraction", type=float, default=0.25,
+                   help="without --calibration: the share of the fitting rows' photos held out for calibration")
     f.add_argument("--feature-set", default=None, help="fit this candidate only (default: the best on calibration)")
     f.add_argument("--compare", nargs="*", default=[], metavar="ROWS",
-                   help="eval --rows of other lists: print every candidate's image AUC on them (not used to choose)")
+                   help="eval --rows of other lists (same bundle): every candidate's image AUC there, "
+                        "and the chosen detector's decision, false alarms and F1 (printed; never used to choose)")
     f.set_defaults(handler=fit_detector)
 
     if "localize" in sub.choices:  # `diffiml localize --reference` runs the checkpoint's PyTorch modules
@@ -101,7 +106,8 @@ def fit_detector(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, verify=False)
     sources = json.loads(open(args.sources).read()) if args.sources else {}
     detector, candidates = fit_detector(read_rows(args.rows), sources, bundle.manifest["checkpoint"]["sha256"],
-                                        args.false_alarm_rate, args.calibration_fraction, args.feature_set)
+                                        args.false_alarm_rate, args.calibration_fraction, args.feature_set,
+                                        read_rows(args.calibration) if args.calibration else None)
     compare = {Path(p).stem: read_rows([p]) for p in args.compare}
     header = ["feature set", "features", "l2", "cross-validated log-loss", "cross-validated AUC",
               *(f"image AUC {name}" for name in compare)]
@@ -113,6 +119,15 @@ def fit_detector(args: argparse.Namespace) -> int:
                    for rows in compare.values())]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    if compare:  # the chosen detector on the other lists, as the bundle with it will run there
+        from diffiml.export.detector_fit import applied
+
+        results = {name: applied(detector, rows) for name, rows in compare.items()}
+        keys = list(next(iter(results.values())))
+        print("\n| rows | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+        for name, result in results.items():
+            print(f"| {name} | " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
+                                               for v in result.values()) + " |")
     write_text_atomic(Path(args.out), json.dumps(detector.manifest(), indent=1))
     print(json.dumps({"detector": args.out, **detector.record, "threshold": detector.threshold}))
     return 0

@@ -41,7 +41,7 @@ def torch_backend(checkpoint: str | Path) -> Backend:
 def open_reference(bundle_dir: str | Path, checkpoint: str | Path | None = None, steps: int | None = None,
                    ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
                    adaptive: AdaptiveEnsemble | None = None, copy_move: bool = True,
-                   all_regions: bool = False) -> Localizer:
+                   follow_decision: bool = False) -> Localizer:
     """A Localizer on the PyTorch modules of ``checkpoint``, which defaults to the one the bundle was exported from
     (its sha256 is checked)."""
     bundle = load_bundle(bundle_dir, verify=False)
@@ -52,4 +52,4 @@ def open_reference(bundle_dir: str | Path, checkpoint: str | Path | None = None,
             raise BundleError(f"{weights}: missing or not the checkpoint this bundle was exported from")
     n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
     return Localizer(bundle, torch_backend(checkpoint), steps or bundle.default_steps, n, tta, seed, uncertainty,
-                     adaptive, copy_move, all_regions)
+                     adaptive, copy_move, follow_decision)

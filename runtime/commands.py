@@ -37,7 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
     add_copy_move_option(p)
-    add_all_regions_option(p)
+    add_follow_decision_option(p)
     p.add_argument("--reference", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="run the PyTorch reference sampler (imports torch) on CHECKPOINT, or on the bundle's own")
     p.add_argument("--truth", default=None, help="a true mask for a single input: prints the F1 against it")
@@ -69,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="seconds a request may wait in Triton's queue before it is rejected")
     s.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this are rejected at once")
     add_copy_move_option(s, "it costs 0.2-1 s of CPU per image, one image after another")
-    add_all_regions_option(s)
+    add_follow_decision_option(s)
     s.set_defaults(handler=serve)
 
     from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
@@ -77,11 +77,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_scan_parser(sub)
 
 
-def add_all_regions_option(parser: argparse.ArgumentParser) -> None:
-    """``--all-regions`` (into ``args.all_regions``), the same for every command that writes masks."""
-    parser.add_argument("--all-regions", action="store_true",
-                        help="mark every region of the map in the mask, also in images the bundle's detector judges "
-                             "authentic (default: their mask is empty; the probability map is written either way)")
+def add_follow_decision_option(parser: argparse.ArgumentParser) -> None:
+    """``--follow-decision`` (into ``args.follow_decision``), the same for every command that writes masks."""
+    parser.add_argument("--follow-decision", action="store_true",
+                        help="empty the mask and overlay of images the bundle's detector judges authentic (the "
+                             "probability map is written either way); off by default: on real forgeries it costs "
+                             "localization F1 (benchmarks/RESULTS.md)")
 
 
 def add_copy_move_option(parser: argparse.ArgumentParser, why: str = "the score-based model's map alone") -> None:
@@ -103,7 +104,7 @@ def serve(args: argparse.Namespace) -> int:
                             max_queue_delay_ms=args.max_queue_delay_ms, instances=args.instances,
                             threads=args.threads, precision=args.precision, queue_timeout_s=args.queue_timeout,
                             max_queue=args.max_queue, stats_port=args.port + 3, copy_move=args.copy_move,
-                            all_regions=args.all_regions))
+                            follow_decision=args.follow_decision))
     return 0
 
 
@@ -179,9 +180,9 @@ def localize(args: argparse.Namespace) -> int:
     if not paths:
         raise DiffimlError("no input images matched")
     if args.server is not None:
-        if args.reference is not None or args.tta or not args.copy_move or args.all_regions:
+        if args.reference is not None or args.tta or not args.copy_move or args.follow_decision:
             raise DiffimlError("--server runs the server's bundle: --reference, --tta, --no-copy-move and "
-                               "--all-regions are local only (serve --all-regions sets it for the server)")
+                               "--follow-decision are local only (serve --follow-decision sets it for the server)")
         return _localize_on_server(args, paths)
     if args.reference is not None:
         open_reference = getattr(args, "open_reference", None)  # plugged in by diffiml.export.commands
@@ -190,14 +191,14 @@ def localize(args: argparse.Namespace) -> int:
         localizer = open_reference(args.bundle, args.reference or None, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
                                    adaptive=adaptive_policy(args), copy_move=args.copy_move,
-                                   all_regions=args.all_regions)
+                                   follow_decision=args.follow_decision)
     else:
         from diffiml.runtime.localizer import Localizer
 
         localizer = Localizer.open(args.bundle, backend=args.backend, steps=args.steps, ensemble=args.ensemble,
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
                                    adaptive=adaptive_policy(args), precision=args.precision,
-                                   copy_move=args.copy_move, all_regions=args.all_regions)
+                                   copy_move=args.copy_move, follow_decision=args.follow_decision)
     out = _output_folder(args.out)
 
     def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
@@ -209,7 +210,7 @@ def localize(args: argparse.Namespace) -> int:
                     "ensemble": f"auto:{localizer.ensemble}" if localizer.adaptive else localizer.ensemble,
                     "steps": localizer.steps, "seed": localizer.seed, "tta": localizer.tta,
                     "uncertainty": localizer.uncertainty, "copy_move_cue": localizer.copy_move is not None,
-                    "detector": localizer.detector is not None, "all_regions": localizer.all_regions}
+                    "detector": localizer.detector is not None, "follow_decision": localizer.follow_decision}
         return _localize_each(paths, one, out, args.truth, settings if args.report else None)
 
 

@@ -79,8 +79,8 @@ class LocalizationResult:
     model_copy_move: np.ndarray | None = None
     # the image-level decision (score >= the bundle's threshold); None for results made without a Localizer
     decision: bool | None = None
-    # the mask and overlay show the map's regions: when the decision says manipulated, or when asked for all regions
-    # (``Localizer(all_regions=True)``); the probability map is the model's either way
+    # the mask and overlay show the map's regions: always, or, with ``Localizer(follow_decision=True)``, only when the
+    # decision says manipulated; the probability map is the model's either way
     regions_shown: bool = True
     evidence: dict[str, float] = field(default_factory=dict)  # the detector's inputs, for fitting and inspection
 
@@ -111,7 +111,7 @@ class LocalizationResult:
     @property
     def mask(self) -> np.ndarray:
         """(H, W) bool: probability >= 0.5 (the paper's fixed threshold), computed without the float map; empty
-        when the image-level decision is "authentic" (unless all regions were asked for)."""
+        when the image-level decision is "authentic" and the Localizer follows the decision."""
         if not self.regions_shown:
             return np.zeros((self.height, self.width), bool)
         return self.probability16() >= 32768
@@ -153,9 +153,9 @@ def parse_ensemble(ensemble: int | str | None, default: int, adaptive: AdaptiveE
 class Localizer:
     def __init__(self, bundle: Bundle, backend: Backend, steps: int, ensemble: int, tta: bool, seed: int,
                  uncertainty: bool, adaptive: AdaptiveEnsemble | None = None, copy_move: bool = True,
-                 all_regions: bool = False) -> None:
-        """``copy_move``: run the bundle's copy-move cue, if it has one (runtime/copy_move.py). ``all_regions``: the
-        mask shows every region of the map even for images the detector judges authentic."""
+                 follow_decision: bool = False) -> None:
+        """``copy_move``: run the bundle's copy-move cue, if it has one (runtime/copy_move.py). ``follow_decision``: the
+        mask and overlay are empty for images the detector judges authentic."""
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         self.adaptive = adaptive
@@ -168,7 +168,7 @@ class Localizer:
         self.plan = bundle.plan(steps)
         self.copy_move = bundle.copy_move_cue if copy_move else None
         self.detector = bundle.detector
-        self.all_regions = all_regions
+        self.follow_decision = follow_decision
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
@@ -177,20 +177,20 @@ class Localizer:
     def open(bundle_dir: str | Path, backend: str = "auto", steps: int | None = None,
              ensemble: int | str | None = None, tta: bool = False, seed: int = 0, uncertainty: bool = False,
              threads: int | None = None, adaptive: AdaptiveEnsemble | None = None, precision: str = "fp32",
-             copy_move: bool = True, all_regions: bool = False) -> Localizer:
+             copy_move: bool = True, follow_decision: bool = False) -> Localizer:
         """Load and verify a bundle (sha256 of every graph) and its engines for ``backend`` at ``precision``
         (``fp32``, or a reduced precision the bundle carries: ``int8`` for CPU, ``fp16`` for CUDA).
 
         ``ensemble``: a member count, or ``"auto"`` / ``"auto:N"`` for an adaptive ensemble of at most N members
         (default: the bundle's ensemble size), stopped by ``adaptive`` (default ``AdaptiveEnsemble()``).
-        ``copy_move=False`` leaves out the bundle's copy-move cue (the model's map alone); ``all_regions=True`` keeps
-        the mask's regions for images judged authentic."""
+        ``copy_move=False`` leaves out the bundle's copy-move cue (the model's map alone); ``follow_decision=True``
+        empties the mask of images judged authentic."""
         bundle = load_bundle(bundle_dir)
         n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
         engines = open_backend(bundle, backend, threads, precision)
         try:
             localizer = Localizer(bundle, engines, steps or bundle.default_steps, n, tta, seed, uncertainty, adaptive,
-                                  copy_move, all_regions)
+                                  copy_move, follow_decision)
         except BaseException:
             engines.close()
             raise
@@ -247,7 +247,7 @@ class Localizer:
             decision_seconds.append(time.perf_counter() - s0)
             results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, score,
                                               members=members, model_copy_move=cue, decision=decision,
-                                              regions_shown=decision or self.all_regions, evidence=evidence))
+                                              regions_shown=decision or not self.follow_decision, evidence=evidence))
         t4 = time.perf_counter()
         per_image = 1000.0 / len(images)
         for i, r in enumerate(results):

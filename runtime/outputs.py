@@ -27,7 +27,7 @@ def heat_overlay(rgb: np.ndarray, probability: np.ndarray, alpha: float = 0.5) -
 def write_outputs(result: LocalizationResult, rgb: np.ndarray, out_dir: Path, stem: str) -> dict[str, str]:
     """Write ``<stem>_mask.png``, ``<stem>_prob.png`` (16-bit), ``<stem>_overlay.png`` (at the decoded size)
     and, when computed, ``<stem>_uncertainty.png`` (16-bit); returns their paths by kind. The mask and the overlay
-    follow the image-level decision (empty for an image judged authentic, unless all regions were asked for); the
+    follow the image-level decision when asked (``follow_decision``: empty for an image judged authentic); the
     probability map is the model's, always."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prob16 = result.probability16()

@@ -54,7 +54,7 @@ class ScanSummary:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from diffiml.runtime.commands import DEFAULT_BUNDLE, add_all_regions_option, add_copy_move_option
+    from diffiml.runtime.commands import DEFAULT_BUNDLE, add_copy_move_option, add_follow_decision_option
 
     p = sub.add_parser("scan", help="localize many images on Ray Data (local or a cluster), resumable, into a table")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
     add_copy_move_option(p)
-    add_all_regions_option(p)
+    add_follow_decision_option(p)
     p.add_argument("--address", default=None,
                    help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray started for this scan)")
     p.add_argument("--actors", type=int, default=None, help="Localizer actors (default: from the cluster's CPUs/GPUs)")
@@ -100,7 +100,7 @@ def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
             "adaptive": None if adaptive is None else adaptive.tolerance, "ensemble_spec": args.ensemble,
             "tta": bool(args.tta), "seed": args.seed, "uncertainty": bool(args.uncertainty),
             "copy_move_cue": bool(args.copy_move and bundle.copy_move_cue is not None),
-            "all_regions": bool(args.all_regions)}
+            "follow_decision": bool(args.follow_decision)}
 
 
 def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Layout, progress: bool = True,

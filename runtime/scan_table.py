@@ -13,7 +13,7 @@ Columns (one row per input and run; JSON columns are strings):
 - ``score``: image-level score: the bundle detector's calibrated probability that the image is manipulated (for a
   bundle without a detector: the mean of the top 0.5 % pixel probabilities); ``decision``: score >= the bundle's
   threshold (manipulated); ``manipulated_fraction``: share of pixels the mask marks (at the model's resolution; 0
-  when the decision says authentic, unless ``--all-regions``); ``members``: ensemble members averaged;
+  when the decision says authentic and ``--follow-decision`` was given); ``members``: ensemble members averaged;
   ``copy_move_fraction``: share of pixels the bundle's copy-move cue marks (null without the cue).
 - ``backend``, ``steps``, ``ensemble``, ``seed``: how the row was computed; ``bundle_sha256s``: JSON
   {graph: sha256} of the bundle's fp32 graphs.

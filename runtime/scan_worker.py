@@ -93,7 +93,7 @@ class ScanWorker:
                                         ensemble=settings["ensemble_spec"], tta=settings["tta"],
                                         seed=settings["seed"], uncertainty=settings["uncertainty"], threads=threads,
                                         precision=settings["precision"], copy_move=settings["copy_move_cue"],
-                                        all_regions=settings.get("all_regions", False))
+                                        follow_decision=settings.get("follow_decision", False))
         if self.localizer.bundle.sha256s != settings["bundle_sha256s"]:
             raise BundleError(f"{settings['bundle']}: this node's bundle differs from the driver's")
         self._fixed = {"backend": self.localizer.backend, "bundle_sha256s": json.dumps(settings["bundle_sha256s"]),

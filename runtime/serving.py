@@ -108,8 +108,8 @@ class InstanceModel:
     Triton calls an instance from one thread at a time; several instances run side by side."""
 
     def __init__(self, bundle: Bundle, backend: Backend, stats: ServeStats | None = None,
-                 copy_move: bool = True, all_regions: bool = False) -> None:
-        self.bundle, self.backend, self.copy_move, self.all_regions = bundle, backend, copy_move, all_regions
+                 copy_move: bool = True, follow_decision: bool = False) -> None:
+        self.bundle, self.backend, self.copy_move, self.follow_decision = bundle, backend, copy_move, follow_decision
         self.bundle_sha256 = bundle.sha256s
         self.stats = stats or ServeStats(self.bundle_sha256)
         self._localizers: OrderedDict[tuple[int, int, bool], Localizer] = OrderedDict()
@@ -124,7 +124,7 @@ class InstanceModel:
             if len(self._localizers) >= LOCALIZER_CACHE:
                 self._localizers.popitem(last=False)
             self._localizers[key] = Localizer(self.bundle, self.backend, s.steps, s.ensemble, False, 0, s.uncertainty,
-                                              copy_move=self.copy_move, all_regions=self.all_regions)
+                                              copy_move=self.copy_move, follow_decision=self.follow_decision)
         return self._localizers[key]
 
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -254,7 +254,7 @@ class ServeOptions:
     max_queue: int = 256  # requests queued beyond this are rejected at once, not held
     stats_port: int | None = 8003  # our own /metrics (rows served and failed, bundle sha256s); None: off
     copy_move: bool = True  # the bundle's copy-move cue, if it has one (CPU, per image, in the instance's thread)
-    all_regions: bool = False  # masks show every region, also of images the detector judges authentic
+    follow_decision: bool = False  # masks show every region, also of images the detector judges authentic
 
 
 def open_instances(options: ServeOptions) -> list[InstanceModel]:
@@ -269,7 +269,7 @@ def open_instances(options: ServeOptions) -> list[InstanceModel]:
     # Instances go round-robin over the GPUs this process sees (one GPU, or none: all on device 0 / the CPU).
     gpus = max(1, device_count()) if options.backend != "ort-cpu" else 1
     models = [InstanceModel(bundle, open_backend(bundle, options.backend, threads, options.precision, i % gpus),
-                            stats, options.copy_move, options.all_regions) for i in range(options.instances)]
+                            stats, options.copy_move, options.follow_decision) for i in range(options.instances)]
     if gpus > 1:
         log.info("%d instances over %d GPUs", options.instances, gpus)
     for model in models:

@@ -121,14 +121,15 @@ def _bundle_with_detector(tiny_bundle: Path, tmp_path: Path, threshold: float) -
     return bundle
 
 
-def test_masks_follow_the_decision_and_all_regions_shows_them(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_masks_follow_the_decision_when_asked_and_show_every_region_by_default(tiny_bundle: Path, tmp_path: Path
+                                                                                ) -> None:
     from diffiml.runtime.localizer import Localizer
     from diffiml.runtime.outputs import write_outputs
 
     rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
     never = _bundle_with_detector(tiny_bundle, tmp_path, threshold=1.0)  # no image is judged manipulated
-    with Localizer.open(never, copy_move=False) as quiet, Localizer.open(never, copy_move=False,
-                                                                         all_regions=True) as loud:
+    with Localizer.open(never, copy_move=False, follow_decision=True) as quiet, \
+            Localizer.open(never, copy_move=False) as loud:
         judged, shown = quiet.localize(rgb), loud.localize(rgb)
     assert judged.decision is False and shown.decision is False
     assert judged.score == pytest.approx(shown.score)
@@ -151,3 +152,12 @@ def test_a_bundle_without_a_detector_scores_by_the_map(tiny_bundle: Path) -> Non
     with Localizer.open(tiny_bundle, copy_move=False) as localizer:
         r = localizer.localize(rgb)
     assert r.score == pytest.approx(image_score(r.model_probability)) and r.decision == (r.score >= 0.5)
+
+
+def test_calibration_rows_set_the_threshold_when_given() -> None:
+    """Rows from unseen photos calibrate; the fitting rows are all used to fit."""
+    fit, calibration = _rows(600, seed=4), _rows(300, seed=5)
+    detector, _ = fit_detector(fit, {}, "abc", target_false_alarm_rate=0.1, calibration_rows=calibration)
+    assert detector.record["rows_calibration"] == 300 and detector.record["rows_fitting"] == 600
+    authentic = np.array([detector.probability(r["evidence"]) for r in calibration if not r["manipulated"]])
+    assert np.mean(authentic >= detector.threshold) <= 0.1 < np.mean(authentic >= np.nextafter(detector.threshold, 0))

@@ -29,6 +29,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MAX_SIDE = 768  # photos are brought to at most this long side first, as a camera pipeline would
 MIN_AREA, MAX_AREA = 0.01, 0.3  # fraction of the image a manipulated region covers
 COPY_AREA = (0.002, 0.12)  # fraction of the image a copied region covers (log-uniform)
+CALIBRATION_SHARE = 1 / 3  # of the evaluation photos: their images go to calibration.json, not test.json
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ def is_eval_photo(photo: Photo, root: Path, eval_fraction: float) -> bool:
     """A stable split by source photo: the same photo lands on the same side on every machine and every run."""
     key = photo.path.relative_to(root).as_posix().encode()
     return int(hashlib.sha1(key).hexdigest()[:8], 16) / 0xFFFFFFFF < eval_fraction
+
+
+def is_calibration_photo(photo: Photo, root: Path, share: float = CALIBRATION_SHARE) -> bool:
+    """Among the evaluation photos, those whose images calibrate the image-level detector (``calibration.json``)
+    rather than test it: a second stable hash, salted, so it is independent of the first split."""
+    key = b"calibration:" + photo.path.relative_to(root).as_posix().encode()
+    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 0xFFFFFFFF < share
 
 
 def read_photo(photo: Photo) -> tuple[np.ndarray, np.ndarray | None]:
@@ -319,7 +327,9 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
                          eval_fraction: float = 0.15, copymove_marks_source: bool = True,
                          copymove_share: float = 0.5, exact_copy_share: float = 0.0,
                          progress: Callable[[int], None] | None = None) -> dict[str, int]:
-    """Write ``n`` forgeries (and authentic images) under ``out`` with train.json, test.json and holdout.json.
+    """Write ``n`` forgeries (and authentic images) under ``out`` with train.json, calibration.json, test.json and
+    holdout.json. The evaluation photos are split once more: a third of them (``is_calibration_photo``) feed
+    calibration.json (the detector's threshold is set there), the rest test.json.
 
     ``copymove_share``: the share of manipulated images that are copy-moves (the rest: the other types, evenly).
     ``exact_copy_share``: the share of copy-moves pasted unresampled and untouched (``copy_move``'s ``exact_share``).
@@ -337,7 +347,7 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
     (out / "Tp").mkdir(parents=True, exist_ok=True)
     (out / "Gt").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lists: dict[str, list[list[str]]] = {"train": [], "test": [], "holdout": []}
+    lists: dict[str, list[list[str]]] = {"train": [], "calibration": [], "test": [], "holdout": []}
     sources: dict[str, str] = {}  # image -> its host photo, for splits by photo downstream (detector calibration)
     cache: dict[Path, tuple[np.ndarray, np.ndarray | None]] = {}
 
@@ -383,7 +393,12 @@ def make_photo_forgeries(photo_root: str | Path, out: str | Path, n: int, seed: 
             ok, buf = cv2.imencode(".png", mask * 255)
             write_bytes_atomic(out / "Gt" / f"{stem}.png", buf.tobytes())
             row[1] = f"Gt/{stem}.png"
-        split = "train" if side == "train" else ("holdout" if kind == holdout_type else "test")
+        if side == "train":
+            split = "train"
+        elif kind == holdout_type:
+            split = "holdout"
+        else:
+            split = "calibration" if is_calibration_photo(host_photo, root) else "test"
         lists[split].append(row)
         sources[row[0]] = host_photo.path.relative_to(root).as_posix()
         if progress:
