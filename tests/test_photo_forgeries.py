@@ -66,8 +66,13 @@ def test_a_feathered_paste_marks_the_pixels_that_changed_most():
 
 def test_forgery_set_keeps_sources_apart_and_the_holdout_type_out_of_training(photo_folder, tmp_path):
     counts = make_photo_forgeries(photo_folder, tmp_path, n=60, seed=1, eval_fraction=0.3)
-    assert counts["train"] + counts["test"] + counts["holdout"] == 60
-    lists = {k: json.loads((tmp_path / f"{k}.json").read_text()) for k in ("train", "test", "holdout")}
+    assert counts["train"] + counts["calibration"] + counts["test"] + counts["holdout"] == 60
+    lists = {k: json.loads((tmp_path / f"{k}.json").read_text()) for k in ("train", "calibration", "test", "holdout")}
+    sources = json.loads((tmp_path / "sources.json").read_text())
+    photos = {k: {sources[row[0]] for row in rows} for k, rows in lists.items()}
+    # training, calibration and test photos are three disjoint sets (the holdout type comes from either of the last two)
+    assert not (photos["train"] & (photos["calibration"] | photos["test"] | photos["holdout"]))
+    assert not photos["calibration"] & photos["test"]
     assert not any(kind == "inpaint" for _, _, kind in lists["train"])
     assert all(kind == "inpaint" for _, _, kind in lists["holdout"])
     kinds = {kind for _, _, kind in lists["train"]}
