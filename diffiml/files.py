@@ -21,20 +21,52 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc/self/status); otherwise by setting and
+    restoring it (not thread-safe, hence the second choice)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` with the same suffix (encoders choose the format by it) for the caller to
     write; renamed onto ``path`` when the block ends without error, removed otherwise. The name is unique, so two
-    writers of one file never share a temporary."""
+    writers of one file never share a temporary. The file gets the mode a plain ``open`` would give it (0666 less the
+    umask; mkstemp's own is owner-only), so a shared output folder stays readable. ``durable``: the data reach the
+    disk before the rename and the rename before return (fsync), so a power loss leaves the old file or the whole new
+    one, never an empty one (for files a rerun trusts, such as a scan's table parts).
+
+    Raise inside the block to abandon the write: a ``return`` would rename whatever the temporary holds."""
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -29,6 +29,7 @@ Columns (one row per input and run; JSON columns are strings):
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 
 from diffiml.files import atomic_path
 
+log = logging.getLogger(__name__)
 ROWS_DIR = "rows"
 SCHEMA = pa.schema([
     ("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -57,7 +59,12 @@ def part_files(out_dir: str | Path) -> list[Path]:
 
 def read_all_rows(out_dir: str | Path) -> pa.Table:
     """Every row of every part, oldest first, including rows a later run superseded."""
-    parts = [_conform(pq.read_table(p)) for p in part_files(out_dir)]
+    parts = []
+    for path in part_files(out_dir):
+        try:
+            parts.append(_conform(pq.read_table(path)))
+        except (OSError, pa.ArrowException) as exc:  # a part cut short (written before parts were fsynced)
+            log.warning("%s: unreadable table part skipped; its inputs will be scanned again (%s)", path, exc)
     return pa.concat_tables(parts) if parts else SCHEMA.empty_table()
 
 
@@ -89,7 +96,7 @@ def write_part(out_dir: str | Path, rows: pa.Table, run_id: str, sequence: int) 
     folder = Path(out_dir) / ROWS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"part-{run_id}-{sequence:06d}.parquet"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=True) as tmp:  # a rerun trusts the parts it finds: whole or absent
         pq.write_table(_conform(rows), tmp)
     return path
 
