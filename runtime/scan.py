@@ -12,6 +12,7 @@ Ray is imported only inside the functions here (``pip install 'diffiml[scan]'``)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -30,8 +31,10 @@ from diffiml.runtime.scan_cluster import DEFAULT_BATCH, READ_CPUS, Layout, check
 
 log = logging.getLogger(__name__)
 # Settings that change a row's result: a rerun into the same folder must use the same ones.
+# What a rerun must share with the rows already there: the cue's and the detector's own settings (a re-export with
+# other ones changes rows as much as other graphs do) and the OpenCV version (the cue's keypoints depend on it).
 IDENTITY = ("bundle_sha256s", "backend", "precision", "steps", "ensemble", "adaptive", "tta", "seed", "uncertainty",
-            "copy_move_cue")
+            "copy_move_cue", "cue_settings", "detector_sha256", "follow_decision", "opencv")
 
 
 @dataclass
@@ -85,6 +88,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every row is computed with, checked here (bundle verified, step count and precision present) so a bad
     bundle is one line before Ray starts."""
+    import cv2
+
     from diffiml.runtime.bundle import load_bundle
     from diffiml.runtime.localizer import parse_ensemble
 
@@ -100,7 +105,16 @@ def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
             "adaptive": None if adaptive is None else adaptive.tolerance, "ensemble_spec": args.ensemble,
             "tta": bool(args.tta), "seed": args.seed, "uncertainty": bool(args.uncertainty),
             "copy_move_cue": bool(args.copy_move and bundle.copy_move_cue is not None),
-            "follow_decision": bool(args.follow_decision)}
+            "cue_settings": bundle.manifest.get("copy_move_cue") if args.copy_move else None,
+            "detector_sha256": _entry_sha256(bundle.manifest.get("detector")),
+            "follow_decision": bool(args.follow_decision), "opencv": cv2.__version__}
+
+
+def _entry_sha256(entry: Any) -> str | None:
+    """A manifest entry's identity: the sha256 of its canonical JSON (None when absent)."""
+    if entry is None:
+        return None
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Layout, progress: bool = True,

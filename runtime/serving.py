@@ -185,6 +185,7 @@ class InstanceModel:
                                                         "batch_images": batch, "backend": self.backend.name,
                                                         "members": result.members, "seed": s.seed,
                                                         "decision": result.decision,
+                                                        "copy_move_cue": result.model_copy_move is not None,
                                                         "regions_shown": result.regions_shown,
                                                         "bundle_sha256": self.bundle_sha256})}
         if "probability_png" in asked:

@@ -359,3 +359,30 @@ def test_address_runs_on_an_existing_cluster_with_the_same_outputs(local_scan, m
         assert (row["error"], row["score"]) == (local[path]["error"], local[path]["score"])
         for kind, name in json.loads(row["outputs"]).items():
             assert (out / name).read_bytes() == (local_scan[0] / name).read_bytes(), (path, kind)
+
+
+def test_a_bundle_with_other_cue_settings_does_not_resume_an_old_scan(tiny_bundle, tmp_path):
+    """The cue's settings (not only whether it ran) and the detector are part of what a rerun must share: a re-export
+    with another residual threshold would otherwise resume into the old folder and mix rows."""
+    import argparse
+
+    from diffiml.runtime.errors import DiffimlError
+    from diffiml.runtime.scan import _check_same_settings, scan_settings
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["copy_move_cue"]["residual_threshold"] = 0.5
+    (other / "manifest.json").write_text(json.dumps(manifest))
+
+    def settings(bundle):
+        return scan_settings(argparse.Namespace(bundle=str(bundle), steps=None, precision="fp32", ensemble=None,
+                                                backend="ort-cpu", tta=False, seed=0, uncertainty=False,
+                                                copy_move=True, follow_decision=False))
+
+    first = settings(tiny_bundle)
+    (tmp_path / "scan.json").write_text(json.dumps(first))
+    _check_same_settings(tmp_path, settings(tiny_bundle))  # the same bundle resumes
+    with pytest.raises(DiffimlError, match="cue_settings"):
+        _check_same_settings(tmp_path, settings(other))
+    assert first["opencv"] == cv2.__version__ and first["detector_sha256"] is None
