@@ -214,6 +214,17 @@ def localize(args: argparse.Namespace) -> int:
         return _localize_each(paths, one, out, args.truth, settings if args.report else None)
 
 
+def output_stems(paths: list[Path]) -> dict[Path, str]:
+    """Each input's output stem: its own, or, where two inputs share one (``a/x.png``, ``b/x.png``), the stem and the
+    first 10 hex digits of the sha256 of its absolute path (as scan names its maps), so none overwrites another's."""
+    import hashlib
+    from collections import Counter
+
+    count = Counter(p.stem for p in dict.fromkeys(paths))
+    return {p: p.stem if count[p.stem] == 1 else
+            f"{p.stem}_{hashlib.sha256(os.path.abspath(p).encode()).hexdigest()[:10]}" for p in paths}
+
+
 def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa: ANN001
                    report: dict | None = None) -> int:
     """The loop of ``localize``, local or on a server: ``one(path)`` gives (result, image for the overlay, backend
@@ -225,11 +236,12 @@ def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa
 
     failures = 0
     records: list[dict] = []
+    stems = output_stems(paths)
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
             t0 = time.perf_counter()
             result, rgb, backend = one(path)
-            files = write_outputs(result, rgb, out, path.stem)
+            files = write_outputs(result, rgb, out, stems[path])
         except (DiffimlError, ValueError, OSError) as exc:
             failures += 1
             text = str(exc).replace("<bytes>", str(path))

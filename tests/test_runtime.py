@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -206,6 +207,24 @@ def test_missing_bundle_is_a_bundle_error(tmp_path):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "diffiml.cli", *args], capture_output=True, text=True)
+
+
+def test_inputs_sharing_a_stem_get_outputs_of_their_own(tiny_bundle, tmp_path):
+    """a/x.png and b/x.png in one run: each keeps its own maps (they used to overwrite each other)."""
+    for i, folder in enumerate(("a", "b")):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "x.png"), _rgb(seed=i))
+    cv2.imwrite(str(tmp_path / "a" / "y.png"), _rgb(seed=3))
+    out = tmp_path / "out"
+    done = _cli("localize", str(tmp_path / "a"), str(tmp_path / "b"), "--bundle", str(tiny_bundle), "--out", str(out),
+                "--backend", "ort-cpu")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    masks = [line["outputs"]["mask"] for line in lines]
+    assert len(set(masks)) == 3 and all(Path(m).is_file() for m in masks)
+    assert (out / "y_mask.png").is_file()  # a stem used once keeps its plain name
+    probs = {line["path"]: cv2.imread(line["outputs"]["prob"], cv2.IMREAD_UNCHANGED) for line in lines}
+    assert not np.array_equal(probs[str(tmp_path / "a" / "x.png")], probs[str(tmp_path / "b" / "x.png")])
 
 
 def test_cli_writes_outputs_and_json_lines(tiny_bundle, tmp_path):
