@@ -166,35 +166,31 @@ def thumbnail(out_dir: Path, rel: str, side: int = THUMB_SIDE) -> str | None:
     """``thumbs/<rel>.jpg`` (longest side ``side`` px) of the map ``out_dir/rel``; 16-bit maps (uncertainty) are
     colour-mapped. Kept when newer than its map. None when the map cannot be read."""
     import cv2
+
+    return _derived_jpeg(out_dir, rel, f"{THUMBS}/{Path(rel).with_suffix('.jpg').as_posix()}", side,
+                         cv2.COLORMAP_INFERNO, quality=80)
+
+
+def _derived_jpeg(out_dir: Path, rel: str, dst_rel: str, side: int, colormap: int, quality: int) -> str | None:
+    """``dst_rel``: the map ``out_dir/rel`` as a JPEG at most ``side`` px long, 16-bit maps through ``colormap``;
+    kept when newer than its map, None when the map cannot be read or the JPEG written. Thumbnails and heat views."""
+    import cv2
     import numpy as np
 
-    src = out_dir / rel
-    thumb_rel = f"{THUMBS}/{Path(rel).with_suffix('.jpg').as_posix()}"
-    dst = out_dir / thumb_rel
+    src, dst = out_dir / rel, out_dir / dst_rel
     try:
         if dst.is_file() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
-            return thumb_rel
+            return dst_rel
         image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
     except (OSError, cv2.error):
         return None
     if image is None or image.size == 0:
         return None
-    if image.dtype != np.uint8:  # 16-bit map: to 8 bits, then a colour map so the spread is visible
-        image = cv2.applyColorMap((image.astype(np.float32) * (255 / 65535)).astype(np.uint8), cv2.COLORMAP_INFERNO)
+    if image.dtype != np.uint8:  # 16-bit map: to 8 bits, then a colour map so the values are visible
+        image = cv2.applyColorMap((image.astype(np.float32) * (255 / 65535)).astype(np.uint8), colormap)
     elif image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    scale = side / max(image.shape[:2])
-    if scale < 1:
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dst) as tmp:  # raise inside: a `return` here would rename the empty temporary into place
-            if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 80]):
-                raise OSError(f"{dst}: could not be written")
-    except (OSError, cv2.error):
-        return None
-    return thumb_rel
+    return dst_rel if _write_jpeg(dst, image, side, quality) else None
 
 
 def _make_views(out_dir: Path, rows: list[dict[str, Any]], maps: list[dict[str, str]]
@@ -232,26 +228,13 @@ def image_view(out_dir: Path, source: str | None, overlay_rel: str | None, side:
 def heat_view(out_dir: Path, prob_rel: str | None, side: int = VIEW_SIDE) -> str | None:
     """``thumbs/<prob>_heat.jpg``: the 16-bit probability map in a colour map, made again when the map is newer."""
     import cv2
-    import numpy as np
 
     if not prob_rel:
         return None
-    src, view_rel = out_dir / prob_rel, _view_path(prob_rel, "_heat")
-    dst = out_dir / view_rel
-    try:
-        if dst.is_file() and dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
-            return view_rel
-        prob = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
-    except (OSError, cv2.error):
-        return None
-    if prob is None or prob.size == 0:
-        return None
-    scale = 255 / 65535 if prob.dtype == np.uint16 else 1.0
-    heat = cv2.applyColorMap((prob.astype(np.float32) * scale).astype(np.uint8), cv2.COLORMAP_JET)
-    return view_rel if _write_jpeg(dst, heat, side) else None
+    return _derived_jpeg(out_dir, prob_rel, _view_path(prob_rel, "_heat"), side, cv2.COLORMAP_JET, quality=85)
 
 
-def _write_jpeg(dst: Path, image: Any, side: int) -> bool:
+def _write_jpeg(dst: Path, image: Any, side: int, quality: int = 85) -> bool:
     import cv2
 
     scale = side / max(image.shape[:2])
@@ -261,7 +244,7 @@ def _write_jpeg(dst: Path, image: Any, side: int) -> bool:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst) as tmp:  # a failed write must raise inside, or the empty temporary is renamed
-            if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 85]):
+            if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, quality]):
                 raise OSError(f"{dst}: could not be written")
     except (OSError, cv2.error):
         return False

@@ -132,6 +132,7 @@ def test_masks_follow_the_decision_when_asked_and_show_every_region_by_default(t
             Localizer.open(never, copy_move=False) as loud:
         judged, shown = quiet.localize(rgb), loud.localize(rgb)
     assert judged.decision is False and shown.decision is False
+    assert judged.regions_shown is False and shown.regions_shown is True
     assert judged.score == pytest.approx(shown.score)
     np.testing.assert_array_equal(judged.model_probability, shown.model_probability)  # the map is the model's
     assert not judged.mask.any() and judged.manipulated_fraction == 0.0
@@ -161,3 +162,38 @@ def test_calibration_rows_set_the_threshold_when_given() -> None:
     assert detector.record["rows_calibration"] == 300 and detector.record["rows_fitting"] == 600
     authentic = np.array([detector.probability(r["evidence"]) for r in calibration if not r["manipulated"]])
     assert np.mean(authentic >= detector.threshold) <= 0.1 < np.mean(authentic >= np.nextafter(detector.threshold, 0))
+
+
+def test_an_image_judged_authentic_gets_an_empty_mask_file_and_the_model_map(tmp_path: Path) -> None:
+    """With a map that marks pixels, following the decision empties the mask and the overlay's heat, never the map."""
+    import cv2
+
+    from diffiml.runtime.localizer import LocalizationResult
+    from diffiml.runtime.outputs import write_outputs
+
+    prob = np.zeros((64, 64), np.float32)
+    prob[10:30, 10:30] = 0.9
+    rgb = np.full((64, 64, 3), 100, np.uint8)
+    hidden = LocalizationResult(prob, None, 64, 64, 0.1, decision=False, regions_shown=False)
+    shown = LocalizationResult(prob, None, 64, 64, 0.1, decision=False, regions_shown=True)
+    assert shown.mask.any() and not hidden.mask.any() and hidden.manipulated_fraction == 0.0
+    a, b = write_outputs(hidden, rgb, tmp_path / "a", "x"), write_outputs(shown, rgb, tmp_path / "b", "x")
+    assert not cv2.imread(a["mask"], cv2.IMREAD_GRAYSCALE).any() and cv2.imread(b["mask"], cv2.IMREAD_GRAYSCALE).any()
+    np.testing.assert_array_equal(cv2.imread(a["overlay"])[..., ::-1], rgb)  # no heat drawn
+    maps = [cv2.imread(files["prob"], cv2.IMREAD_UNCHANGED) for files in (a, b)]
+    np.testing.assert_array_equal(*maps)
+
+
+def test_eval_counts_false_alarms_on_authentic_images() -> None:
+    from diffiml.benchmarks.metrics import false_alarms
+
+    rows = [{"manipulated": True, "decision": True}, {"manipulated": True, "decision": False},
+            {"manipulated": False, "decision": True, "marked": True, "marked_fraction": 0.2},
+            {"manipulated": False, "decision": False, "marked": False, "marked_fraction": 0.0},
+            {"manipulated": False, "decision": False, "marked": True, "marked_fraction": 0.1},
+            {"manipulated": False, "decision": False, "marked": False, "marked_fraction": 0.0}]
+    out = false_alarms(rows)
+    assert out["n_authentic"] == 4 and out["authentic_marked_share"] == pytest.approx(0.5)
+    assert out["authentic_marked_area"] == pytest.approx(0.075)
+    assert out["detection_rate"] == pytest.approx(0.5) and out["false_alarm_rate"] == pytest.approx(0.25)
+    assert out["balanced_accuracy"] == pytest.approx((0.5 + 0.75) / 2)
