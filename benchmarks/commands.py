@@ -142,7 +142,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d = bench.add_parser("modes", help="fewer steps, int8, adaptive ensemble: timed against the authors' order")
     d.add_argument("--config", default="paper")
     d.add_argument("--bundle", default=None, help="time this bundle (default: export random weights of --config)")
-    d.add_argument("--modes", default="fp32:8:5,fp32:5:5,fp32:4:5,int8:8:5,int8:4:5,fp32:8:auto,fp32:4:auto")
+    d.add_argument("--modes", default="fp32:8:5,fp32:5:5,fp32:4:5,fp32:4:3,fp32:2:3,int8:8:5,int8:4:5,fp32:8:auto,"
+                                      "fp32:4:auto",
+                   help="PRECISION:K:N, comma-separated; a K the bundle has a distilled UNet for runs the student")
     d.add_argument("--image", default="examples/sample_splice.png")
     d.add_argument("--calibration", default=None, help="int8 on random weights: images to calibrate on (JSON/folder)")
     d.add_argument("--runs", type=int, default=3)
@@ -177,6 +179,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--rounds", type=int, default=3, help="rounds alternating the modes (median reported)")
     n.add_argument("--out", required=True)
     n.set_defaults(handler=scan_bench)
+
+    v = bench.add_parser("scan-driver", help="a rerun's skip pass over a million-row scan table: seconds and memory")
+    v.add_argument("--rows", type=int, default=1_000_000)
+    v.add_argument("--work", required=True, help="a folder for the synthetic inputs and table (reused if there)")
+    v.add_argument("--out", required=True)
+    v.set_defaults(handler=scan_driver)
 
 
 def _check_names(names: list[str], data: list[str]) -> None:
@@ -461,4 +469,16 @@ def scan_bench(args: argparse.Namespace) -> int:
         "time of the mode's process tree (driver, raylet, tasks, actors) per image after its first image (scan: "
         "batch); first_image_s includes opening the bundle (and, for scan, starting the pipeline and its actors; "
         "Ray's own start is ray_init_s in the JSON).")))
+    return 0
+
+
+def scan_driver(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.scan_driver import bench_scan_driver, to_markdown
+
+    row = bench_scan_driver(Path(args.work), args.rows)
+    _report(args.out, "scan_driver", row, to_markdown(row, (
+        f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores). "
+        "skip_pass_s: reading the input list, the table's key columns (done_index) and a stat per input joined with "
+        "them (plan_work), in a fresh process whose peak resident memory (Python and pyarrow included) is "
+        "peak_rss_mib; compact_s: folding the table's parts into one, as a run ends.")))
     return 0

@@ -191,18 +191,21 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
     return rows
 
 
-def random_bundle(config_name: str, int8_calibration: list[Path] | None = None, fp16: bool = False
-                  ) -> tuple[Any, str]:
+def random_bundle(config_name: str, int8_calibration: list[Path] | None = None, fp16: bool = False,
+                  students: tuple[int, ...] = ()) -> tuple[Any, str]:
     """(model, bundle folder): random weights of ``config_name`` (seed 0) exported to a temporary bundle, for timing
     only; with ``int8_calibration`` images it also carries int8 graphs, with ``fp16`` fp16 graphs (a random model's
-    masks mean nothing, so their agreement with fp32 is not held to any bound)."""
+    masks mean nothing, so their agreement with fp32 is not held to any bound). ``students``: step counts that get a
+    distilled UNet graph (the same network on its own plan, as ``diffiml distill`` writes it: the same cost)."""
     import tempfile
 
     import torch
 
     from diffiml.export.exporter import export_bundle
+    from diffiml.schedule import ddim_plan
     from diffiml.train.checkpoint import save_checkpoint
     from diffiml.train.config import get_config
+    from diffiml.train.distill import distilled_config, student_plan
     from diffiml.train.model import DiffIML
 
     config = get_config(config_name)
@@ -210,11 +213,18 @@ def random_bundle(config_name: str, int8_calibration: list[Path] | None = None, 
     torch.manual_seed(0)
     model = DiffIML(config).eval()
     save_checkpoint(tmp / "run", model, {"kind": "diffiml", "model": config.to_json()})
+    student_runs = []
+    for k in students:
+        plan = ddim_plan(config.steps)
+        while len(plan.timesteps) > k:
+            plan = student_plan(plan)
+        config_json = distilled_config({"kind": "diffiml", "model": config.to_json()}, plan, "random")
+        student_runs.append(save_checkpoint(tmp / f"steps-{k}", model, config_json))
     bundle = str(tmp / "bundle")
     log.info("exporting a random-weight %s bundle for timing (%s)", config_name, bundle)
     export_bundle(tmp / "run", bundle, int8_calibration=int8_calibration,
                   check_images=int8_calibration[-2:] if int8_calibration else None, int8_min_agreement=0.0,
-                  fp16=fp16)
+                  fp16=fp16, students=student_runs)
     return model, bundle
 
 

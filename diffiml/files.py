@@ -90,3 +90,22 @@ def write_png_atomic(path: str | Path, array: object) -> Path:
         if not written:
             raise OSError(f"{path}: could not be written")
     return Path(path)
+
+
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on ``path`` (created if absent) for the block; yields False at once, without
+    waiting, when another process holds it. The kernel drops the lock when its holder dies, so a killed writer never
+    leaves a folder locked."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -62,9 +62,24 @@ def ddim_plan(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Ddi
     acp = alphas_cumprod(num_train_timesteps)
     timesteps = respaced_timesteps(steps, num_train_timesteps)
     ratio = num_train_timesteps // steps
-    a_t = acp[timesteps]
     prev = timesteps - ratio
     a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, None)], 1.0)  # set_alpha_to_one=True
+    return _plan(timesteps, acp[timesteps], a_prev)
+
+
+def plan_through(timesteps: list[int] | np.ndarray, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DdimPlan:
+    """A plan visiting exactly ``timesteps`` (descending), each step landing on the next one and the last on the
+    clean latent (alpha-bar = 1). A distilled student's plan: every other timestep of its teacher's, so each of its
+    steps spans two of the teacher's (8 steps [875, 750, ..., 0] -> 4 steps [875, 625, 375, 125])."""
+    ts = np.asarray(timesteps, dtype=np.int64)
+    if ts.ndim != 1 or not len(ts) or np.any(np.diff(ts) >= 0) or ts[-1] < 0 or ts[0] >= num_train_timesteps:
+        raise ValueError(f"timesteps must descend within [0, {num_train_timesteps}), got {ts.tolist()}")
+    acp = alphas_cumprod(num_train_timesteps)
+    a_prev = np.append(acp[ts[1:]], 1.0)
+    return _plan(ts, acp[ts], a_prev)
+
+
+def _plan(timesteps: np.ndarray, a_t: np.ndarray, a_prev: np.ndarray) -> DdimPlan:
     coef_xt = np.sqrt(1.0 - a_prev) / np.sqrt(1.0 - a_t)
     f32 = np.float32
     return DdimPlan(timesteps, np.sqrt(a_prev).astype(f32), coef_xt.astype(f32), np.sqrt(a_t).astype(f32))

@@ -28,6 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", default="fused", choices=["fused", "standard"],
                    help="fused: the UNet's attention as onnxruntime's MultiHeadAttention (fast, low memory); "
                         "standard: plain ONNX ops, for TensorRT (build-engines)")
+    p.add_argument("--student", action="append", default=[], metavar="CHECKPOINT",
+                   help="a UNet distilled from this checkpoint (`diffiml distill`, OUT/steps-K): the bundle runs it "
+                        "for --steps K (repeatable, one per K)")
     p.set_defaults(handler=export)
 
     p = sub.add_parser("build-engines", help="build TensorRT engines for a bundle (needs TensorRT and a GPU)")
@@ -88,7 +91,7 @@ def export(args: argparse.Namespace) -> int:
         calibration, check = (picked[:n] if "int8" in wanted else None), picked[n:]
     manifest = export_bundle(args.checkpoint, args.out, args.name, attention=args.attention,
                              int8_calibration=calibration, check_images=check, fp16="fp16" in wanted,
-                             copy_move_cue=args.copy_move_cue, detector=args.detector)
+                             copy_move_cue=args.copy_move_cue, detector=args.detector, students=args.student)
     print(json.dumps({"bundle": args.out, "graphs": {k: v["sha256"] for k, v in manifest["graphs"].items()},
                       "checks": manifest["checks"],
                       **{f"{p}_checks": e["checks"] for p, e in manifest.get("precisions", {}).items()}}))

@@ -27,12 +27,13 @@ from diffiml.export.attention import FUSED_DOMAIN, attention_for_export
 from diffiml.export.graphs import GraphSpec, graph_specs
 from diffiml.export.precision_check import graph_entry
 from diffiml.files import write_bytes_atomic
-from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of
+from diffiml.runtime.bundle import FORMAT_VERSION, load_bundle, sha256_of, student_graph_name
 from diffiml.runtime.copy_move import CopyMoveCue
 from diffiml.runtime.detector import DETECTOR_FILE, Detector
 from diffiml.schedule import ddim_plan
 from diffiml.train.checkpoint import load_config, load_weights, replace_folder, resolve_checkpoint
 from diffiml.train.config import ModelConfig
+from diffiml.train.distill import DISTILLED_KEY, checkpoint_plan
 from diffiml.train.model import DiffIML
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,56 @@ def fitted_detector(checkpoint: Path) -> dict[str, Any]:
     return entry
 
 
+def shared_weights_differ(teacher: DiffIML, student: DiffIML) -> list[str]:
+    """The tensors a student must share with its teacher (encoder, the UNet's condition entry, LightVAE: all but the
+    graph a bundle carries per student) that it does not."""
+    ours, theirs = teacher.state_dict(), student.state_dict()
+    shared = [k for k in ours if not k.startswith("unet.") or k.startswith("unet.condition_entry.")]
+    return [k for k in shared if k not in theirs or not torch.equal(ours[k], theirs[k])]
+
+
+def export_students(model: DiffIML, students: list[Path], staging: Path, out: Path, attention: str,
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, float]]:
+    """Each distilled checkpoint's UNet-step graph, checked like the teacher's -> (graph entries, schedules naming
+    them, manifest records, parity checks)."""
+    graphs: dict[str, Any] = {}
+    schedules: dict[str, Any] = {}
+    records: dict[str, Any] = {}
+    checks: dict[str, float] = {}
+    for path in students:
+        student, ckpt = load_diffiml(path)
+        plan = checkpoint_plan(load_config(ckpt))
+        if plan is None:
+            raise ExportError(f"{ckpt}: not a distilled checkpoint (its config has no {DISTILLED_KEY!r} plan)")
+        if student.config != model.config:
+            raise ExportError(f"{ckpt}: a student of another architecture than the bundle's model")
+        differ = shared_weights_differ(model, student)
+        if differ:
+            raise ExportError(f"{ckpt}: its encoder, condition entry or LightVAE differ from the teacher's "
+                              f"({', '.join(differ[:3])}); it was distilled from another checkpoint")
+        k = len(plan.timesteps)
+        gname = student_graph_name(k)
+        if gname in graphs:
+            raise ExportError(f"two students for {k} steps")
+        spec, module = graph_specs(student)["unet"]
+        data = export_graph(spec, module, {"images": 2, "members": 4, "latents": 2}, attention)
+        checks[gname] = check_against_torch(spec, module, data, [{"images": 1, "members": 3, "latents": 1},
+                                                                 {"images": 2, "members": 4, "latents": 3}])
+        write_bytes_atomic(staging / f"{gname}.onnx", data)
+        graphs[gname] = graph_entry(staging / f"{gname}.onnx", "fp32", [t.to_json() for t in spec.inputs],
+                                    [t.to_json() for t in spec.outputs])
+        schedules[str(k)] = {**plan.to_json(), "unet": gname}
+        records[gname] = {"steps": k, "checkpoint": {"path": os.path.relpath(ckpt.resolve(), out.resolve()),
+                                                     "sha256": sha256_of(ckpt / "model.safetensors")}}
+        log.info("%s: the %d-step student, max |onnxruntime - torch| = %.2e", gname, k, checks[gname])
+    return graphs, schedules, records, checks
+
+
 def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = None,
                   steps: tuple[int, ...] = SUPPORTED_STEPS, attention: str = "fused",
                   int8_calibration: list[Path] | None = None, check_images: list[Path] | None = None,
                   int8_min_agreement: float | None = None, fp16: bool = False, copy_move_cue: bool = True,
-                  detector: bool = True) -> dict[str, Any]:
+                  detector: bool = True, students: list[Path] | None = None) -> dict[str, Any]:
     """Write the bundle into ``out`` (replacing it only once everything passed) and return its manifest.
 
     ``attention="fused"`` (for onnxruntime) writes the UNet's attention as one fused operator; "standard" keeps plain
@@ -122,7 +168,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
     (``diffiml.export.half``). Each reduced precision is compared with fp32 on ``check_images``. With
     ``copy_move_cue``, the manifest enables the runtime's classical copy-move cue (runtime/copy_move.py). With
     ``detector`` and a ``detector.json`` beside the checkpoint (``diffiml fit-detector``), the manifest carries the
-    calibrated image-level detector (runtime/detector.py); it must have been fitted on this checkpoint."""
+    calibrated image-level detector (runtime/detector.py); it must have been fitted on this checkpoint.
+
+    ``students``: checkpoints distilled from this one (``diffiml distill``). Each adds its UNet-step graph
+    (``unet_kK``) and makes its own plan the K-step schedule, so ``--steps K`` runs it. A distilled checkpoint
+    exported on its own runs its plan as its default steps (how ``bench curve`` scores distillation snapshots)."""
     torch.manual_seed(0)
     model, ckpt = load_diffiml(checkpoint)
     cfg = model.config
@@ -146,6 +196,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
         log.info("%s: exported, max |onnxruntime - torch| = %.2e", gname, checks[gname])
 
     all_steps = sorted({*steps, cfg.steps, DEFAULT_STEPS})
+    schedules = {str(k): ddim_plan(k).to_json() for k in all_steps}
+    own_plan = checkpoint_plan(load_config(ckpt))
+    default_steps = cfg.steps
+    if own_plan is not None:  # a student exported alone: its graph is the bundle's UNet, its plan the default
+        default_steps = len(own_plan.timesteps)
+        schedules[str(default_steps)] = own_plan.to_json()
+    student_graphs, student_schedules, student_records, student_checks = export_students(
+        model, [Path(p) for p in students or []], staging, out, attention)
+    graphs.update(student_graphs)
+    schedules.update(student_schedules)
+    checks.update(student_checks)
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name or out.name,
@@ -156,12 +217,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, name: str | None = No
                   "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "resize": "area"},
         "latent": {"channels": 8, "mask_channels": 4, "size": [cfg.latent_size, cfg.latent_size]},
         "sampling": {
-            "default_steps": cfg.steps,
+            "default_steps": default_steps,
             "default_ensemble": cfg.ensemble,
             "clip_sample": CLIP_SAMPLE_RANGE, "prediction_type": "sample", "eta": 0.0,
-            "schedules": {str(k): ddim_plan(k).to_json() for k in all_steps},
+            "schedules": dict(sorted(schedules.items(), key=lambda kv: int(kv[0]))),
         },
         "graphs": graphs,
+        **({"students": student_records} if student_records else {}),
         **({"copy_move_cue": CopyMoveCue().manifest()} if copy_move_cue else {}),
         **({"detector": fitted_detector(ckpt)} if detector and (ckpt / DETECTOR_FILE).is_file() else {}),
         "checks": {"fp32_max_abs_error_vs_torch": checks},

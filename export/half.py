@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffiml.export.precision_check import graph_entry, record_check
-from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle
+from diffiml.runtime.bundle import load_bundle
 
 FP32_OPS = ["InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization", "ReduceMean",
             "Softmax", "Sigmoid", "Pow", "Sqrt", "Erf"]
@@ -42,10 +42,10 @@ def add_fp16(bundle_dir: Path, check: Sequence[Any] = ()) -> dict[str, Any]:
     manifest's ``precisions.fp16`` entry."""
     bundle = load_bundle(bundle_dir)
     graphs: dict[str, Any] = {}
-    for name in GRAPH_NAMES:
+    for name in bundle.graph_names:  # distilled UNets (unet_kK) too: they are UNet-step graphs
         fp32 = bundle.graph(name)
         out = Path(bundle_dir) / f"{name}.fp16.onnx"
-        convert_graph(fp32.path, out, name)
+        convert_graph(fp32.path, out, "unet" if name in bundle.unet_graphs else name)
         graphs[name] = graph_entry(out, "fp16", fp32.inputs, fp32.outputs)
     entry: dict[str, Any] = {"graphs": graphs, "fp32_ops": FP32_OPS,
                              "fp32_nodes": "the UNet-step graph's DDIM update"}

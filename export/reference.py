@@ -14,7 +14,7 @@ from torch import nn
 from diffiml.export.exporter import load_diffiml
 from diffiml.export.graphs import graph_specs
 from diffiml.runtime.backends.base import Backend, HostStepLoop
-from diffiml.runtime.bundle import load_bundle, sha256_of
+from diffiml.runtime.bundle import Bundle, load_bundle, sha256_of
 from diffiml.runtime.errors import BundleError
 from diffiml.runtime.localizer import AdaptiveEnsemble, Localizer, parse_ensemble
 
@@ -31,11 +31,29 @@ class TorchEngine:
         return {self.outputs[0]: out.numpy()}
 
 
-def torch_backend(checkpoint: str | Path) -> Backend:
+def torch_engines(checkpoint: str | Path) -> dict[str, TorchEngine]:
     model, _ = load_diffiml(checkpoint)
-    engines = {name: TorchEngine(module, [t.name for t in spec.inputs], [t.name for t in spec.outputs])
-               for name, (spec, module) in graph_specs(model).items()}
-    return Backend("torch-reference", dict(engines), HostStepLoop(engines["unet"]))
+    return {name: TorchEngine(module, [t.name for t in spec.inputs], [t.name for t in spec.outputs])
+            for name, (spec, module) in graph_specs(model).items()}
+
+
+def torch_backend(checkpoint: str | Path, students: dict[str, Path] | None = None) -> Backend:
+    """``students``: checkpoint folders of the bundle's distilled UNets, by graph name."""
+    engines = torch_engines(checkpoint)
+    loops = {name: HostStepLoop(torch_engines(path)["unet"]) for name, path in (students or {}).items()}
+    return Backend("torch-reference", dict(engines), HostStepLoop(engines["unet"]), student_loops=dict(loops))
+
+
+def bundle_students(bundle: Bundle) -> dict[str, Path]:
+    """The checkpoints of the bundle's distilled UNets, each checked against the sha256 the manifest recorded."""
+    found = {}
+    for name, record in bundle.manifest.get("students", {}).items():
+        path = (bundle.root / record["checkpoint"]["path"]).resolve()
+        weights = path / "model.safetensors"
+        if not weights.is_file() or sha256_of(weights) != record["checkpoint"]["sha256"]:
+            raise BundleError(f"{weights}: missing or not the student this bundle was exported from")
+        found[name] = path
+    return found
 
 
 def open_reference(bundle_dir: str | Path, checkpoint: str | Path | None = None, steps: int | None = None,
@@ -51,5 +69,6 @@ def open_reference(bundle_dir: str | Path, checkpoint: str | Path | None = None,
         if not weights.is_file() or sha256_of(weights) != bundle.manifest["checkpoint"]["sha256"]:
             raise BundleError(f"{weights}: missing or not the checkpoint this bundle was exported from")
     n, adaptive = parse_ensemble(ensemble, bundle.default_ensemble, adaptive)
-    return Localizer(bundle, torch_backend(checkpoint), steps or bundle.default_steps, n, tta, seed, uncertainty,
-                     adaptive, copy_move, follow_decision)
+    students = bundle_students(bundle) if bundle.distilled_steps else {}
+    return Localizer(bundle, torch_backend(checkpoint, students), steps or bundle.default_steps, n, tta, seed,
+                     uncertainty, adaptive, copy_move, follow_decision)

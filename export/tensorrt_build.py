@@ -23,7 +23,7 @@ import tensorrt as trt
 
 from diffiml.files import write_bytes_atomic, write_text_atomic
 from diffiml.runtime.backends.tensorrt_backend import device_identity, unavailable_reason
-from diffiml.runtime.bundle import GRAPH_NAMES, load_bundle, sha256_of
+from diffiml.runtime.bundle import load_bundle, sha256_of
 
 log = logging.getLogger(__name__)
 ENGINE_PRECISIONS = ("fp32", "fp16")  # the precisions a bundle carries graphs for, that TensorRT builds from
@@ -80,7 +80,7 @@ def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
     if precision not in bundle.precisions:
         raise ValueError(f"{bundle_dir}: no {precision} graphs to build from; export with "
                          f"`diffiml export --precision fp32,{precision} --attention standard`")
-    for name in GRAPH_NAMES:
+    for name in bundle.graph_names:  # with each distilled UNet (unet_kK)
         if foreign := bundle.graph(name, precision).nonstandard_domains:
             raise ValueError(f"{bundle_dir}: the {name} graph uses onnxruntime-only operators ({', '.join(foreign)}), "
                              "which TensorRT's parser cannot read; export the bundle with "
@@ -92,7 +92,7 @@ def build_bundle_engines(bundle_dir: str | Path, precision: str, max_batch: int,
     members = max_batch * (ensemble or bundle.default_ensemble)
     cc = identity["compute_capability"].replace(".", "")
     entries = []
-    for name in GRAPH_NAMES:
+    for name in bundle.graph_names:  # with each distilled UNet (unet_kK)
         graph = bundle.graph(name, precision)  # a precision's graphs have the fp32 graphs' inputs (fp32 I/O)
         data = build_engine(graph.path, batch_profile(bundle.manifest["graphs"][name], max_batch, members),
                             bundle.root / timing_cache_name(identity))

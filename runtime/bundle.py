@@ -6,6 +6,7 @@ of every file before anything is handed to an inference engine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +18,22 @@ from diffiml.runtime.detector import Detector
 from diffiml.runtime.errors import BundleError
 from diffiml.schedule import DdimPlan
 
+# 6: optional distilled UNet graphs (`graphs["unet_kK"]`), named by the schedule they run (`schedules[K]["unet"]`);
 # 5: optional `detector` (runtime/detector.py), the cue's `residual_threshold`; 4: optional `copy_move_cue`
 # (runtime/copy_move.py); 3: optional reduced-precision graphs (`precisions`); 2: graphs list their operator domains.
 # Versions 3 and 4 are read too: they have no detector (the score is the map's top pixels), 3 no copy-move cue.
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (3, 4, 5, 6)
 PRECISIONS = ("fp32", "int8", "fp16")
 GRAPH_NAMES = ("condition_encoder", "unet", "mask_decoder")
 SCHEDULE_KEYS = ("timesteps", "coef_x0", "coef_xt", "sqrt_alpha")
+TEACHER_UNET = "unet"
+
+
+def student_graph_name(steps: int) -> str:
+    """The graph name of a UNet distilled for ``steps`` steps (e.g. ``unet_k2``)."""
+    return f"{TEACHER_UNET}_k{steps}"
+
 # The tensors the runtime feeds and reads, per graph (inputs, outputs); a bundle naming others is refused.
 GRAPH_IO = {
     "condition_encoder": (("image",), ("cond_features",)),
@@ -96,15 +105,51 @@ class Bundle:
         return sorted(int(k) for k in self.manifest["sampling"]["schedules"])
 
     def plan(self, steps: int) -> DdimPlan:
+        """The timesteps and coefficients of a ``steps``-step run (a distilled UNet's own plan where it has one)."""
+        return DdimPlan.from_json(self._schedule(steps))
+
+    def unet_graph(self, steps: int) -> str:
+        """The UNet graph that runs ``steps`` steps: a student distilled for exactly that count, else the teacher."""
+        return str(self._schedule(steps).get("unet", TEACHER_UNET))
+
+    def _schedule(self, steps: int) -> dict[str, Any]:
         if steps not in self.step_counts:
             raise BundleError(f"{self.root}: no schedule for {steps} steps in the manifest "
                               f"(available: {self.step_counts}); re-export with --steps")
-        return DdimPlan.from_json(self.manifest["sampling"]["schedules"][str(steps)])
+        return self.manifest["sampling"]["schedules"][str(steps)]
+
+    @property
+    def unet_graphs(self) -> list[str]:
+        """Every UNet-step graph: the teacher's, then each distilled student's."""
+        return [TEACHER_UNET, *sorted({self.unet_graph(k) for k in self.step_counts} - {TEACHER_UNET})]
+
+    @property
+    def graph_names(self) -> list[str]:
+        """Every graph the bundle carries: the three of the format, then the students."""
+        return [*GRAPH_NAMES, *self.unet_graphs[1:]]
+
+    @property
+    def distilled_steps(self) -> list[int]:
+        """The step counts a distilled student runs."""
+        return [k for k in self.step_counts if self.unet_graph(k) != TEACHER_UNET]
+
+    @property
+    def fast_steps(self) -> int | None:
+        """The fewest steps a distilled student runs (the bundle's fast mode), or None without a student."""
+        return min(self.distilled_steps, default=None)
+
+    @property
+    def bundle_id(self) -> str:
+        """The bundle's identity: the sha256 of its manifest as canonical JSON, which names every graph's sha256, the
+        schedules, the cue's and the detector's settings. TensorRT ``engines`` are left out: they are this machine's
+        build of the same graphs, and building them must not make a scan or a server another bundle."""
+        body = {k: v for k, v in self.manifest.items() if k != "engines"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @property
     def sha256s(self) -> dict[str, str]:
         """The fp32 graphs' sha256 by graph name: the bundle's identity, as servers report it."""
-        return {name: self.graph(name).sha256 for name in GRAPH_NAMES}
+        return {name: self.graph(name).sha256 for name in self.graph_names}
 
     @property
     def precisions(self) -> list[str]:
@@ -174,7 +219,7 @@ def validate_manifest(manifest: Any, where: Path) -> None:
             raise BundleError(f"{where}: precision {precision!r} is not one this runtime reads ({PRECISIONS[1:]}) "
                               "or has no graphs")
         for name, g in entry["graphs"].items():
-            if name not in GRAPH_NAMES or not {"file", "sha256", "inputs", "outputs", "domains"} <= set(g):
+            if name not in manifest["graphs"] or not {"file", "sha256", "inputs", "outputs", "domains"} <= set(g):
                 raise BundleError(f"{where}: the {precision} entry for graph {name!r} is incomplete or unknown")
             if [t.get("name") for t in g["inputs"]] != [t["name"] for t in manifest["graphs"][name]["inputs"]]:
                 raise BundleError(f"{where}: the {precision} {name} graph's inputs differ from the fp32 graph's")
@@ -200,6 +245,20 @@ def validate_manifest(manifest: Any, where: Path) -> None:
         if not isinstance(plan, dict) or not set(SCHEDULE_KEYS) <= set(plan) or any(
                 len(plan[k]) != int(steps) for k in SCHEDULE_KEYS):
             raise BundleError(f"{where}: the {steps}-step schedule needs {', '.join(SCHEDULE_KEYS)}, one per step")
+        unet = plan.get("unet", TEACHER_UNET)
+        if unet != TEACHER_UNET:
+            _validate_student(manifest, where, unet)
+
+
+def _validate_student(manifest: dict[str, Any], where: Path, name: Any) -> None:
+    """A distilled UNet is another UNet-step graph: the same tensors as the teacher's, so every backend runs it."""
+    g = manifest["graphs"].get(name) if isinstance(name, str) else None
+    if not isinstance(g, dict) or not {"file", "sha256", "inputs", "outputs", "domains"} <= set(g):
+        raise BundleError(f"{where}: a schedule runs UNet graph {name!r}, which the manifest does not list completely")
+    teacher = manifest["graphs"][TEACHER_UNET]
+    if [t.get("name") for t in g["inputs"]] != [t["name"] for t in teacher["inputs"]] or \
+            [t.get("name") for t in g["outputs"]] != [t["name"] for t in teacher["outputs"]]:
+        raise BundleError(f"{where}: UNet graph {name!r} has other tensors than the teacher's {TEACHER_UNET!r}")
 
 
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
@@ -216,7 +275,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     bundle = Bundle(root, manifest)
     if verify:
         for precision in bundle.precisions:
-            for name in GRAPH_NAMES:
+            for name in bundle.graph_names:
                 g = bundle.graph(name, precision)
                 verify_file(g.path, g.sha256)
     return bundle

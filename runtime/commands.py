@@ -31,6 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ensemble", default=None, metavar="N|auto[:N]",
                    help="ensemble members, or auto: stop adding members once the mask settles (at most N)")
+    add_fast_option(p)
     p.add_argument("--ensemble-tolerance", type=float, default=None, metavar="FRACTION",
                    help="auto ensemble: stop when at most this fraction of pixels flipped (default 0.002)")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
@@ -75,6 +76,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
 
     add_scan_parser(sub)
+
+
+FAST_ENSEMBLE = 3  # members of the fast mode (benchmarks/RESULTS.md, "Distillation")
+
+
+def add_fast_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fast", action="store_true",
+                        help=f"the bundle's distilled student at its step count, {FAST_ENSEMBLE} members (unless "
+                             "--ensemble says otherwise); refused for a bundle without a student")
+
+
+def apply_fast(args: argparse.Namespace) -> None:
+    """``--fast`` -> ``args.steps`` and ``args.ensemble`` of the bundle's fast mode; a one-line error when the bundle
+    has no distilled student, or when ``--steps`` asks for another count."""
+    if not getattr(args, "fast", False):
+        return
+    from diffiml.runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, verify=False)  # the manifest only; the localizer verifies the graphs
+    if bundle.fast_steps is None:
+        raise DiffimlError(f"{args.bundle}: --fast needs a distilled UNet in the bundle (diffiml distill, then "
+                           "export --student); this bundle has none")
+    if args.steps not in (None, bundle.fast_steps):
+        raise DiffimlError(f"--fast runs the student's {bundle.fast_steps} steps; drop --steps {args.steps}")
+    args.steps = bundle.fast_steps
+    args.ensemble = args.ensemble if args.ensemble is not None else FAST_ENSEMBLE
 
 
 def add_follow_decision_option(parser: argparse.ArgumentParser) -> None:
@@ -143,14 +170,14 @@ def adaptive_policy(args: argparse.Namespace):  # -> AdaptiveEnsemble | None (im
 
 
 def _print_record(path: Path, result, backend: str, t0: float, files: dict[str, str],  # noqa: ANN001
-                  truth: str | None) -> dict:
+                  truth: str | None, bundle_id: str | None = None) -> dict:
     """One JSON line per localized image (the same for a local run and a server's answer); returns the record."""
     from diffiml.runtime.image_io import load_image
     from diffiml.runtime.metrics import pixel_f1
 
     record = {"path": str(path), "score": round(result.score, 4), "decision": result.decision,
               "manipulated_fraction": round(result.manipulated_fraction, 4), "backend": backend,
-              "members": result.members,
+              "members": result.members, "bundle_id": bundle_id,
               **({} if result.copy_move_fraction is None
                  else {"copy_move_fraction": round(result.copy_move_fraction, 4)}),
               "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
@@ -179,6 +206,7 @@ def localize(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise DiffimlError("no input images matched")
+    apply_fast(args)
     if args.server is not None:
         if args.reference is not None or args.tta or not args.copy_move or args.follow_decision:
             raise DiffimlError("--server runs the server's bundle: --reference, --tta, --no-copy-move and "
@@ -201,12 +229,13 @@ def localize(args: argparse.Namespace) -> int:
                                    copy_move=args.copy_move, follow_decision=args.follow_decision)
     out = _output_folder(args.out)
 
-    def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
+    def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label, bundle id)
         decoded = load_image(path, localizer.bundle.image_size)
-        return localizer.localize(decoded), decoded.rgb, localizer.backend
+        return localizer.localize(decoded), decoded.rgb, localizer.backend, localizer.bundle.bundle_id
 
     with localizer:
-        settings = {"bundle": args.bundle, "backend": localizer.backend, "precision": args.precision,
+        settings = {"bundle": args.bundle, "bundle_id": localizer.bundle.bundle_id, "backend": localizer.backend,
+                    "precision": args.precision,
                     "ensemble": f"auto:{localizer.ensemble}" if localizer.adaptive else localizer.ensemble,
                     "steps": localizer.steps, "seed": localizer.seed, "tta": localizer.tta,
                     "uncertainty": localizer.uncertainty, "copy_move_cue": localizer.copy_move is not None,
@@ -240,7 +269,7 @@ def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa
     for path in tqdm(paths, desc="localize", unit="img", file=sys.stderr, disable=len(paths) < 2):
         try:
             t0 = time.perf_counter()
-            result, rgb, backend = one(path)
+            result, rgb, backend, bundle_id = one(path)
             files = write_outputs(result, rgb, out, stems[path])
         except (DiffimlError, ValueError, OSError) as exc:
             failures += 1
@@ -249,7 +278,7 @@ def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa
             tqdm.write(f"diffiml localize: {message}", file=sys.stderr)  # on its own line, not after the bar
             records.append({"path": str(path), "error": message})
             continue
-        record = _print_record(path, result, backend, t0, files, truth if len(paths) == 1 else None)
+        record = _print_record(path, result, backend, t0, files, truth if len(paths) == 1 else None, bundle_id)
         records.append({**record, "width": result.width, "height": result.height})
     if report is not None:
         from diffiml.runtime.report import write_localize_run
@@ -274,10 +303,11 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
         raise DiffimlError(f"{args.server}: no ready diffiml model there (is `diffiml serve` running?)")
     out = _output_folder(args.out)
 
-    def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label)
+    def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label, bundle id)
         answer = client.localize_bytes(read_image_file(path))
         decoded = load_image(path, answer.result.model_probability.shape[0])  # for the overlay only
-        return answer.result, decoded.rgb, f"{answer.info.get('backend', '?')}@{args.server}"
+        return (answer.result, decoded.rgb, f"{answer.info.get('backend', '?')}@{args.server}",
+                answer.info.get("bundle_id"))
 
     default = "the server's default"
     settings = {"bundle": f"served by {args.server}", "ensemble": default if ensemble is None else ensemble,

@@ -76,13 +76,55 @@ def _decode(data: np.ndarray, flag: int, name: str) -> np.ndarray:
     return decoded
 
 
-def to_rgb8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Gray / RGB / RGBA, uint8 / uint16 / float in [0, 1] -> (H, W, 3) uint8 RGB."""
+def png_significant_bits(data: np.ndarray | bytes) -> int | None:
+    """The largest per-channel depth a PNG's sBIT chunk declares (e.g. 12 for 12-bit data stored in 16-bit samples),
+    or None: not a PNG, or no sBIT before the image data."""
+    raw = bytes(data[:1 << 16]) if isinstance(data, np.ndarray) else bytes(data[:1 << 16])
+    if raw[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    at = 8
+    while at + 8 <= len(raw):
+        length, kind = int.from_bytes(raw[at : at + 4], "big"), raw[at + 4 : at + 8]
+        if kind == b"sBIT":
+            body = raw[at + 8 : at + 8 + length]
+            return max(body) if body and 1 <= max(body) <= 16 else None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        at += 12 + length
+    return None
+
+
+def sample_bits(a: np.ndarray, declared: int | None = None) -> int:
+    """How many of a uint16 image's bits carry data: the file's own declaration (sBIT), else the smallest of 8, 10,
+    12, 14 and 16 that holds its largest value, so 10- and 12-bit camera and scanner data are not read as nearly
+    black (``>> 8`` maps 0-4095 to 0-15)."""
+    if declared:
+        return declared
+    top = int(a.max()) if a.size else 0
+    return next(b for b in (8, 10, 12, 14, 16) if top < (1 << b))
+
+
+def _uint16_to_8(a: np.ndarray, bits: int) -> np.ndarray:
+    """uint16 samples of ``bits`` significant bits -> uint8 full range, rounded; in strips of rows, so a 100 MP
+    image never holds a wider copy than a strip."""
+    out = np.empty(a.shape, np.uint8)
+    top = (1 << bits) - 1
+    step = max(1, (1 << 22) // max(1, a[0].size))
+    for y in range(0, a.shape[0], step):
+        strip = a[y : y + step].astype(np.uint32)
+        np.minimum(strip, top, out=strip)
+        out[y : y + step] = (strip * 255 + top // 2) // top
+    return out
+
+
+def to_rgb8(array: np.ndarray, name: str = "array", bits: int = 16) -> np.ndarray:
+    """Gray / RGB / RGBA, uint8 / uint16 / float in [0, 1] -> (H, W, 3) uint8 RGB. ``bits``: the significant bits of
+    uint16 samples (``sample_bits``); 16, the default for arrays, keeps the top byte."""
     a = np.asarray(array)
     if a.size == 0 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageDecodeError(f"{name}: expected an HxW or HxWxC (C = 1, 3, 4) image, got shape {a.shape}")
     if a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8)
+        a = (a >> 8).astype(np.uint8) if bits == 16 else _uint16_to_8(a, bits)
     elif a.dtype.kind == "f":
         a = (np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif a.dtype != np.uint8:
@@ -170,7 +212,9 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
             decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA if decoded.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     except cv2.error as exc:
         raise ImageDecodeError(f"{name}: unsupported pixel layout ({str(exc).strip()[-120:]})") from None
-    rgb = to_rgb8(decoded, name)
+    color = decoded[..., :3] if decoded.ndim == 3 else decoded  # an opaque alpha channel is all ones
+    bits = sample_bits(color, png_significant_bits(data)) if decoded.dtype == np.uint16 else 16
+    rgb = to_rgb8(decoded, name, bits)
     return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
 
 

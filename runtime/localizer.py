@@ -163,9 +163,10 @@ class Localizer:
         self.backend = backend.name
         self._backend = backend
         self._owns_backend = False  # Localizer.open's own backend is closed with it; a shared one is not
-        self.engines, self.step_loop = backend.engines, backend.step_loop
         self.steps, self.ensemble, self.tta, self.seed, self.uncertainty = steps, ensemble, tta, seed, uncertainty
         self.plan = bundle.plan(steps)
+        self.unet_graph = bundle.unet_graph(steps)  # a distilled student where the bundle has one for ``steps``
+        self.engines, self.step_loop = backend.engines, backend.loop_for(self.unet_graph)
         self.copy_move = bundle.copy_move_cue if copy_move else None
         self.detector = bundle.detector
         self.follow_decision = follow_decision

@@ -2,9 +2,13 @@
 
 Pipeline: the inputs' bytes and sha256 are read by Ray tasks; decoding, localizing and writing the maps run in a
 pool of actors, each holding one opened bundle. The driver consumes the actors' output batch by batch and appends
-each batch to ``DIR/rows`` as one Parquet part, after its maps are on disk, so a row exists only when its files do.
-A rerun with the same ``--out`` skips every input whose newest row is final for the same bytes (same path and
-sha256) and computes the rest: a killed job loses at most the batches in flight.
+the rows to ``DIR/rows`` as Parquet parts (every ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS``), after their maps are on
+disk, so a row exists only when its files do; the parts are compacted into one at the end of the run.
+
+A rerun with the same ``--out`` first reads the table's key columns (not its rows) and skips, without reading them,
+the inputs whose newest row is final for the same path, size and mtime (``--verify``: re-hash them, and skip only
+the same bytes); the rest go to Ray. A killed job loses at most the rows not yet flushed. One scan writes to a folder
+at a time (``DIR/.scan.lock``).
 
 Ray is imported only inside the functions here (``pip install 'diffiml[scan]'``); the runtime imports without it.
 """
@@ -25,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from diffiml.files import write_text_atomic
+from diffiml.files import exclusive_lock, write_text_atomic
 from diffiml.runtime.errors import DiffimlError
 from diffiml.runtime.scan_cluster import DEFAULT_BATCH, READ_CPUS, Layout, check_counts, choose_layout, connect
 
@@ -33,8 +37,8 @@ log = logging.getLogger(__name__)
 # Settings that change a row's result: a rerun into the same folder must use the same ones.
 # What a rerun must share with the rows already there: the cue's and the detector's own settings (a re-export with
 # other ones changes rows as much as other graphs do) and the OpenCV version (the cue's keypoints depend on it).
-IDENTITY = ("bundle_sha256s", "backend", "precision", "steps", "ensemble", "adaptive", "tta", "seed", "uncertainty",
-            "copy_move_cue", "cue_settings", "detector_sha256", "follow_decision", "opencv")
+IDENTITY = ("bundle_id", "bundle_sha256s", "backend", "precision", "steps", "ensemble", "adaptive", "tta", "seed",
+            "uncertainty", "copy_move_cue", "cue_settings", "detector_sha256", "follow_decision", "opencv")
 
 
 @dataclass
@@ -57,7 +61,12 @@ class ScanSummary:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from diffiml.runtime.commands import DEFAULT_BUNDLE, add_copy_move_option, add_follow_decision_option
+    from diffiml.runtime.commands import (
+        DEFAULT_BUNDLE,
+        add_copy_move_option,
+        add_fast_option,
+        add_follow_decision_option,
+    )
 
     p = sub.add_parser("scan", help="localize many images on Ray Data (local or a cluster), resumable, into a table")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -69,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--ensemble", default=None, metavar="N|auto[:N]")
+    add_fast_option(p)
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
     p.add_argument("--seed", type=int, default=0)
@@ -80,6 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-actor", type=int, default=None, help="onnxruntime threads per actor")
     p.add_argument("--batch-size", type=int, default=None, help=f"images per actor call and table part "
                                                                  f"(default {DEFAULT_BATCH})")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the inputs done before instead of trusting their size and mtime")
     p.add_argument("--report", action="store_true", help="write the HTML report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=scan)
@@ -91,16 +103,19 @@ def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
     import cv2
 
     from diffiml.runtime.bundle import load_bundle
+    from diffiml.runtime.commands import apply_fast
     from diffiml.runtime.localizer import parse_ensemble
 
+    apply_fast(args)
     bundle = load_bundle(args.bundle)
     steps = args.steps or bundle.default_steps
     bundle.plan(steps)
-    bundle.graph("unet", args.precision)
+    bundle.graph(bundle.unet_graph(steps), args.precision)
     n, adaptive = parse_ensemble(args.ensemble, bundle.default_ensemble)
     if n < 1:
         raise DiffimlError(f"--ensemble must be >= 1, got {n}")
-    return {"bundle": str(Path(args.bundle).resolve()), "bundle_sha256s": bundle.sha256s, "backend": args.backend,
+    return {"bundle": str(Path(args.bundle).resolve()), "bundle_id": bundle.bundle_id,
+            "bundle_sha256s": bundle.sha256s, "backend": args.backend,
             "precision": args.precision, "steps": steps, "ensemble": n,
             "adaptive": None if adaptive is None else adaptive.tolerance, "ensemble_spec": args.ensemble,
             "tta": bool(args.tta), "seed": args.seed, "uncertainty": bool(args.uncertainty),
@@ -117,20 +132,52 @@ def _entry_sha256(entry: Any) -> str | None:
     return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def plan_work(inputs: list[str], done: Any, verify: bool = False) -> tuple[Any, int]:
+    """(work, skipped): the inputs to send to Ray as a table (path_bytes, done_sha256), in the order given, and how
+    many were skipped for a final row of the same key, size and mtime. ``done``: ``scan_table.done_index``. Local
+    files are stat'ed here (about 5 us each); URIs always go to the read stage, which skips them by sha256."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from diffiml.runtime.scan_inputs import input_key, is_uri
+
+    sizes = np.full(len(inputs), -1, np.int64)
+    mtimes = np.full(len(inputs), -1, np.int64)
+    if not verify:
+        for i, source in enumerate(inputs):
+            if not is_uri(source):
+                try:
+                    st = os.stat(source)
+                except OSError:
+                    continue
+                sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    table = pa.table({"path_bytes": pa.array([input_key(p) for p in inputs], pa.binary()),
+                      "_size": sizes, "_mtime": mtimes, "_i": np.arange(len(inputs), dtype=np.int64)})
+    index = done.rename_columns(["path_bytes", "done_sha256", "done_size", "done_mtime"])
+    joined = table.join(index, keys="path_bytes", join_type="left outer").sort_by("_i")
+    same = pc.and_(pc.equal(joined.column("_size"), joined.column("done_size")),
+                   pc.equal(joined.column("_mtime"), joined.column("done_mtime")))
+    same = pc.and_(pc.fill_null(same, False), pc.greater_equal(joined.column("_size"), 0))
+    work = joined.filter(pc.invert(same)).select(["path_bytes", "done_sha256"])
+    return work, joined.num_rows - work.num_rows
+
+
 def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Layout, progress: bool = True,
-             on_batch: Callable[[int], None] | None = None) -> ScanSummary:
+             on_batch: Callable[[int], None] | None = None, verify: bool = False) -> ScanSummary:
     """Scan ``inputs`` into ``out`` on the connected Ray; returns the counts. Needs ``ray.init`` done.
-    ``on_batch(rows)`` is called after each batch's part is written (benchmarks time the steady state with it)."""
+    ``on_batch(rows)`` is called after each batch is taken in (benchmarks time the steady state with it)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import ray
     import ray.data  # configures Ray Data's loggers, which the lines below quiet
     from tqdm import tqdm
 
-    from diffiml.runtime.scan_table import done_index, write_part
+    from diffiml.runtime.scan_table import FLUSH_ROWS, FLUSH_SECONDS, compact, done_index, write_part
     from diffiml.runtime.scan_worker import ScanWorker, read_batch
 
-    done = done_index(out)
     summary = ScanSummary(inputs=len(inputs))
+    work, summary.skipped = plan_work(inputs, done_index(out), verify)
     if not log.isEnabledFor(logging.DEBUG):  # Ray Data's notices stay in its log file, off the terminal
         for handler in logging.getLogger("ray.data").handlers:
             if type(handler).__name__ != "SessionFileHandler":
@@ -138,56 +185,82 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar, ours, over images
     ctx.print_on_execution_start = False
-    items = [{"path": p, "done_sha256": done.get(p)} for p in inputs]
-    blocks = max(1, min(10_000, -(-len(items) // layout.batch_size)))
-    worker_settings = {**settings, "threads": layout.threads}
-    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        read_batch, batch_size=layout.batch_size, batch_format="pyarrow", num_cpus=READ_CPUS)
-    ds = ds.map_batches(ScanWorker, batch_size=layout.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=layout.actors),
-                        fn_constructor_kwargs={"settings": worker_settings, "maps_dir": str(out.resolve() / "maps")},
-                        num_cpus=layout.actor_cpus, num_gpus=layout.actor_gpus or None)
-    # Ray Data's actor pools restart a dead actor and run its batches again (max_restarts=-1, max_task_retries=-1
-    # by default; passing them is deprecated in 2.60): a killed worker costs its batch, not the job.
-    seen: set[str] = set()
+    seen = 0
+    pending: list[pa.Table] = []
+    flushed = [time.monotonic(), 0]  # when, and how many parts so far
+
+    def flush() -> None:
+        if pending:
+            write_part(out, pa.concat_tables(pending), settings["run_id"], flushed[1])
+            pending.clear()
+            flushed[1] += 1
+        flushed[0] = time.monotonic()
+
     t0 = time.perf_counter()
-    bar = tqdm(total=len(inputs), desc="scan", unit="img", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=len(inputs), initial=summary.skipped, desc="scan", unit="img", file=sys.stderr,
+               disable=not progress)
     try:
-        # prefetch_batches=0: a batch reaches the table as soon as its actor is done (prefetching holds it back until
-        # the next one is ready, so a kill would lose both)
-        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
-        for sequence, batch in enumerate(batches):
-            skip = batch.column("skip")
-            fresh = batch.filter(pc.invert(skip))
-            if fresh.num_rows:
-                write_part(out, fresh, settings["run_id"], sequence)
-            fine = fresh.column("error").null_count
-            summary.localized += fine
-            summary.failed += fresh.num_rows - fine
-            summary.skipped += batch.num_rows - fresh.num_rows
-            seen.update(batch.column("path").to_pylist())
-            bar.update(batch.num_rows)
-            bar.set_postfix(failed=summary.failed, skipped=summary.skipped, refresh=False)
-            if on_batch is not None:
-                on_batch(batch.num_rows)
+        if work.num_rows:
+            size = layout.batch_size
+            blocks = [work.slice(i, size * 64) for i in range(0, work.num_rows, size * 64)]
+            ds = ray.data.from_arrow(blocks).map_batches(
+                read_batch, batch_size=size, batch_format="pyarrow", num_cpus=READ_CPUS)
+            ds = ds.map_batches(ScanWorker, batch_size=size, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=layout.actors),
+                                fn_constructor_kwargs={"settings": {**settings, "threads": layout.threads},
+                                                       "maps_dir": str(out.resolve() / "maps")},
+                                num_cpus=layout.actor_cpus, num_gpus=layout.actor_gpus or None)
+            # Ray Data's actor pools restart a dead actor and run its batches again (max_restarts=-1 by default); an
+            # input that keeps killing its actor is stopped by the worker's own count (scan_worker.MAX_ATTEMPTS).
+            # prefetch_batches=0: a batch reaches the table as soon as its actor is done.
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                fresh = batch.filter(pc.invert(batch.column("skip"))).drop_columns(["skip"])
+                if fresh.num_rows:
+                    pending.append(fresh)
+                if sum(t.num_rows for t in pending) >= FLUSH_ROWS or time.monotonic() - flushed[0] >= FLUSH_SECONDS:
+                    flush()
+                fine = fresh.column("error").null_count
+                summary.localized += fine
+                summary.failed += fresh.num_rows - fine
+                summary.skipped += batch.num_rows - fresh.num_rows
+                seen += batch.num_rows
+                bar.update(batch.num_rows)
+                bar.set_postfix(failed=summary.failed, skipped=summary.skipped, refresh=False)
+                if on_batch is not None:
+                    on_batch(batch.num_rows)
+        flush()
+        compact(out, settings["run_id"])
     except ray.exceptions.RayError as exc:
-        raise DiffimlError(f"the Ray job stopped after {len(seen)} of {len(inputs)} inputs: {_cause(exc)} (the rows "
-                           "so far are kept; a rerun into the same --out does the rest)") from None
+        flush()
+        raise DiffimlError(f"the Ray job stopped after {summary.skipped + seen} of {len(inputs)} inputs: "
+                           f"{_cause(exc)} (the rows so far are kept; a rerun into the same --out does the rest)"
+                           ) from None
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - t0
-    summary.missing = [p for p in inputs if p not in seen]
+    if seen < work.num_rows:  # rare (a batch Ray dropped): name the inputs that have no row from this run
+        from diffiml.runtime.scan_table import display_path, read_all_rows
+
+        rows = read_all_rows(out, ["path_bytes", "run_id"])
+        ours = rows.filter(pc.equal(rows.column("run_id"), settings["run_id"])).column("path_bytes")
+        lost = work.filter(pc.invert(pc.is_in(work.column("path_bytes"), value_set=ours.combine_chunks())))
+        summary.missing = [display_path(k) for k in lost.column("path_bytes").to_pylist()]
     return summary
 
 
 def _cause(exc: BaseException) -> str:
-    """The root error of a Ray failure: the last line of the remote traceback Ray carries, without colors."""
+    """The root error of a Ray failure, as one line: the exception a task or actor raised (Ray keeps it as
+    ``cause``), else the first line of Ray's own message, without colors."""
     import re
 
+    seen = set()
+    while getattr(exc, "cause", None) is not None and id(exc) not in seen:  # RayTaskError wraps the user's error
+        seen.add(id(exc))
+        exc = exc.cause  # type: ignore[attr-defined]
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line]
-    last = lines[-1] if lines else type(exc).__name__
-    return re.sub(r"^(?:[a-z_]\w*\.)+(?=[A-Z]\w*(?:Error|Exception): )", "", last)[:300]
+    lines = [line for line in lines if line and not line.startswith(("Traceback", "File ", "ray::"))]
+    text, name = (lines[0] if lines else ""), type(exc).__name__
+    return (text if text.startswith(name) else f"{name}: {text}" if text else name)[:300]
 
 
 def _record(out: Path, settings: dict[str, Any], layout: Layout, address: str | None, run: dict[str, Any]) -> None:
@@ -230,6 +303,14 @@ def scan(args: argparse.Namespace) -> int:
     if not inputs:
         raise DiffimlError("no input images matched")
     out = _output_folder(args.out)
+    with exclusive_lock(out / ".scan.lock") as held:
+        if not held:
+            raise DiffimlError(f"{out}: another scan is writing to this folder (lock {out / '.scan.lock'}); wait for "
+                               "it to end, or give another --out")
+        return _scan_locked(args, out, settings, inputs)
+
+
+def _scan_locked(args: argparse.Namespace, out: Path, settings: dict[str, Any], inputs: list[str]) -> int:
     _check_same_settings(out, settings)
     settings["run_id"] = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
     started = connect(args.address)
@@ -241,7 +322,8 @@ def scan(args: argparse.Namespace) -> int:
         run = {"run_id": settings["run_id"], "started": datetime.now(timezone.utc).isoformat(), "inputs": len(inputs)}
         address = args.address or os.environ.get("RAY_ADDRESS")
         _record(out, settings, layout, address, run)
-        summary = run_scan(inputs, out, settings, layout, progress=not args.no_progress)
+        summary = run_scan(inputs, out, settings, layout, progress=not args.no_progress,
+                           verify=getattr(args, "verify", False))
         run.update(finished=datetime.now(timezone.utc).isoformat(), localized=summary.localized,
                    failed=summary.failed, skipped=summary.skipped, seconds=round(summary.seconds, 3))
         _record(out, settings, layout, address, run)

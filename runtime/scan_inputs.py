@@ -2,8 +2,9 @@
 (``s3://``, ``gs://``, ``hdfs://``, ``file://``), and list files naming either, so a cluster can scan shared or
 object storage.
 
-Every input becomes one string, the key of its row in the scan table: an absolute local path, or the URI as given.
-A rerun finds its earlier rows by that string, so the same file named as ``photos/a.png`` from two working
+Every input becomes one string: an absolute local path, or the URI as given. Its bytes (``input_key``) are the key
+of its row in the scan table: a local name need not be UTF-8 (Python carries such bytes as surrogate escapes, Arrow
+as binary), and a rerun finds its earlier rows by them, so the same file named as ``photos/a.png`` from two working
 folders is still one row.
 """
 
@@ -51,7 +52,9 @@ def _read_list(spec: str) -> list[str]:
         raise DiffimlError(f"{spec}: cannot read the input list ({exc})") from None
     suffix = Path(spec.lower()).suffix
     if suffix == ".txt":
-        entries = [line.strip() for line in data.decode("utf-8-sig").splitlines()]
+        # A name that is not UTF-8 stays the file system's bytes (surrogate escapes), as os.listdir gives it.
+        entries = [line.strip() for line in data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+                   .splitlines()]
         entries = [e for e in entries if e and not e.startswith("#")]
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
@@ -102,11 +105,23 @@ def _read_bytes(source: str) -> bytes:
         raise OSError(str(exc)) from None
 
 
-def map_stem(source: str) -> str:
-    """The file-name stem of an input's maps: its own stem, then the first 10 hex digits of the sha256 of its
-    row key, so ``a/x.png`` and ``b/x.png`` never write over each other's maps."""
+def input_key(source: str) -> bytes:
+    """The row key of an input: a local path's bytes as the file system has them, a URI's UTF-8."""
+    return source.encode("utf-8") if is_uri(source) else os.fsencode(source)
+
+
+def source_of(key: bytes) -> str:
+    """The input a row key names (``input_key``'s inverse)."""
+    return os.fsdecode(key)
+
+
+def map_stem(source: str) -> tuple[str, str]:
+    """(shard folder, file-name stem) of an input's maps: its own stem (bytes that are not UTF-8 replaced by ``_``),
+    then the first 10 hex digits of the sha256 of its row key, so ``a/x.png`` and ``b/x.png`` never write over each
+    other's maps; the shard is the first two of those digits (256 folders under ``maps/``)."""
     import hashlib
 
     name = posixpath.basename(source.rstrip("/")) if is_uri(source) else os.path.basename(source)
-    stem = os.path.splitext(name)[0] or "input"
-    return f"{stem}_{hashlib.sha256(source.encode()).hexdigest()[:10]}"
+    stem = os.fsencode(os.path.splitext(name)[0]).decode("utf-8", "replace").replace("\ufffd", "_") or "input"
+    digest = hashlib.sha256(input_key(source)).hexdigest()
+    return digest[:2], f"{stem}_{digest[:10]}"

@@ -11,7 +11,8 @@ are encoded (the PNGs are the costly part).
 PyTriton fails a whole batch when its callable raises, so nothing a row brings may raise: each row carries an
 ``error`` output, empty when the row succeeded, and its neighbours are answered as if it were not there. A client
 treats a non-empty ``error`` as that image's failure; failures are counted on the stats port (``serving_stats``).
-Every answer's ``info_json`` names the bundle's graphs' sha256 and the ensemble members used.
+Every answer's ``info_json`` names the bundle (its id: the manifest's sha256; and its graphs' sha256) and the
+ensemble members used.
 
 Serving runs in its own environment (``make serve-env``): Triton's Python-backend stub needs numpy < 2.
 """
@@ -111,6 +112,7 @@ class InstanceModel:
                  copy_move: bool = True, follow_decision: bool = False) -> None:
         self.bundle, self.backend, self.copy_move, self.follow_decision = bundle, backend, copy_move, follow_decision
         self.bundle_sha256 = bundle.sha256s
+        self.bundle_id = bundle.bundle_id
         self.stats = stats or ServeStats(self.bundle_sha256)
         self._localizers: OrderedDict[tuple[int, int, bool], Localizer] = OrderedDict()
 
@@ -154,15 +156,36 @@ class InstanceModel:
                 localizer = self.localizer(members[0][2])
                 results = localizer.localize_batch([d for _, d, _, _ in members],
                                                    seeds=[s.seed for _, _, s, _ in members])
-                for (row, _, settings, wanted), result in zip(members, results, strict=True):
-                    row.update(self._encode(result, settings, len(members), wanted))
-                self.stats.ok(len(members))
-            except Exception as exc:  # noqa: BLE001 - e.g. a batch over the engines' limits: these rows fail
-                self._fail([m[0] for m in members], "inference" if isinstance(exc, DiffimlError) else "internal",
-                           exc)
-                if not isinstance(exc, DiffimlError):
-                    log.exception("inference failed for a batch of %d", len(members))
+            except Exception:  # noqa: BLE001 - which row? each alone, so one row's failure stays that row's
+                for member in members:
+                    self._run_rows([member], len(members))
+                continue
+            for member, result in zip(members, results, strict=True):
+                self._encode_row(member, result, len(members))
         return [self._stack(request_rows) for request_rows in rows]
+
+    def _run_rows(self, members: list[tuple[dict[str, Any], DecodedImage, Settings, Any]], batch: int) -> None:
+        """Inference for ``members`` as one batch; a failure fails these rows only."""
+        try:
+            results = self.localizer(members[0][2]).localize_batch([d for _, d, _, _ in members],
+                                                                   seeds=[s.seed for _, _, s, _ in members])
+        except Exception as exc:  # noqa: BLE001 - e.g. a batch over the engines' limits, memory: these rows fail
+            self._fail([m[0] for m in members], "inference" if isinstance(exc, DiffimlError) else "internal", exc)
+            if not isinstance(exc, DiffimlError):
+                log.exception("inference failed for %d row(s)", len(members))
+            return
+        for member, result in zip(members, results, strict=True):
+            self._encode_row(member, result, batch)
+
+    def _encode_row(self, member: tuple[dict[str, Any], DecodedImage, Settings, Any], result: LocalizationResult,
+                    batch: int) -> None:
+        row, _, settings, wanted = member
+        try:
+            row.update(self._encode(result, settings, batch, wanted))
+        except Exception as exc:  # noqa: BLE001 - a row whose outputs cannot be encoded fails alone
+            self._fail([row], "encode", exc)
+            return
+        self.stats.ok(1)
 
     def _fail(self, rows: list[dict[str, Any]], kind: str, exc: BaseException) -> None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -187,7 +210,8 @@ class InstanceModel:
                                                         "decision": result.decision,
                                                         "copy_move_cue": result.model_copy_move is not None,
                                                         "regions_shown": result.regions_shown,
-                                                        "bundle_sha256": self.bundle_sha256})}
+                                                        "bundle_sha256": self.bundle_sha256,
+                                                        "bundle_id": self.bundle_id})}
         if "probability_png" in asked:
             row["probability_png"] = _png16(result.probability16())
         unc16 = result.uncertainty16() if "uncertainty_png" in asked else None

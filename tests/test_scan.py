@@ -146,7 +146,8 @@ def test_equal_stems_in_different_folders_get_different_map_names(local_scan, mi
     _, good, _ = mixed_folder
     a, b = (json.loads(r["outputs"])["mask"] for r in read_scan_table(out) if r["path"] in good[:2])
     assert a != b and (out / a).read_bytes() != (out / b).read_bytes()
-    assert Path(a).name == f"{map_stem(good[0])}_mask.png" and map_stem(good[0]).startswith("same_")
+    shard, stem = map_stem(good[0])
+    assert Path(a).name == f"{stem}_mask.png" and stem.startswith("same_") and Path(a).parent.name == shard
 
 
 def test_the_report_reads_the_scan_table(local_scan, mixed_folder):
@@ -212,7 +213,8 @@ def test_the_table_keeps_the_newest_row_per_path(tmp_path):
     from diffiml.runtime.scan_table import done_index
 
     assert [(r["path"], r["sha256"]) for r in read_scan_table(tmp_path)] == [("z", "cc"), ("x", "bb"), ("y", "dd")]
-    assert done_index(tmp_path) == {"x": "bb", "y": "dd", "z": "cc"}
+    done = done_index(tmp_path).to_pylist()
+    assert {r["path_bytes"]: r["sha256"] for r in done} == {b"x": "bb", b"y": "dd", b"z": "cc"}
 
 
 def test_layouts_leave_cpu_for_the_reads_and_give_gpus_one_actor_each():
@@ -386,3 +388,106 @@ def test_a_bundle_with_other_cue_settings_does_not_resume_an_old_scan(tiny_bundl
     with pytest.raises(DiffimlError, match="cue_settings"):
         _check_same_settings(tmp_path, settings(other))
     assert first["opencv"] == cv2.__version__ and first["detector_sha256"] is None
+
+
+# --- a million inputs: names, the index, the lock, poison inputs -------------------------------------------------
+
+def test_a_rerun_skips_by_path_size_and_mtime_and_verify_rehashes(tmp_path):
+    import pyarrow as pa
+
+    from diffiml.runtime.scan import plan_work
+    from diffiml.runtime.scan_table import done_index
+
+    files = [tmp_path / f"{c}.png" for c in "abc"]
+    for f in files:
+        f.write_bytes(b"x" * 10)
+    st = [f.stat() for f in files]
+    rows = [{"path": str(f), "sha256": "s", "size": s.st_size, "mtime_ns": s.st_mtime_ns, "run_id": "1"}
+            for f, s in zip(files, st, strict=True)]
+    rows[2]["error_kind"], rows[2]["error"] = "run", "failed"  # not final: computed again
+    write_part(tmp_path, pa.Table.from_pylist(rows, schema=SCHEMA), "1", 0)
+    os.utime(files[1], ns=(st[1].st_atime_ns, st[1].st_mtime_ns + 1))  # touched: read again (hashed)
+    inputs = [str(f) for f in files] + ["s3://bucket/x.png"]
+    work, skipped = plan_work(inputs, done_index(tmp_path))
+    assert skipped == 1 and [os.fsdecode(k) for k in work.column("path_bytes").to_pylist()] == inputs[1:]
+    assert work.column("done_sha256").to_pylist() == ["s", None, None]  # the touched file is skipped if unchanged
+    work, skipped = plan_work(inputs, done_index(tmp_path), verify=True)
+    assert skipped == 0 and work.num_rows == 4
+
+
+def test_compaction_keeps_the_newest_row_per_input_in_one_part(tmp_path):
+    import pyarrow as pa
+
+    from diffiml.runtime.scan_table import compact, part_files
+
+    for run, sha in (("1", "old"), ("2", "new")):
+        write_part(tmp_path, pa.Table.from_pylist([{"path": p, "sha256": sha, "run_id": run} for p in "xy"],
+                                                  schema=SCHEMA), run, 0)
+    write_part(tmp_path, pa.Table.from_pylist([{"path": "z", "sha256": "only", "run_id": "2"}], schema=SCHEMA), "2", 1)
+    before = read_scan_table(tmp_path)
+    compact(tmp_path, "2")
+    assert len(part_files(tmp_path)) == 1
+    assert read_scan_table(tmp_path) == before and read_all_rows(tmp_path).num_rows == 3
+
+
+def test_a_second_scan_into_a_locked_folder_is_one_line(tmp_path, tiny_bundle, mixed_folder, capsys):
+    from diffiml.files import exclusive_lock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with exclusive_lock(out / ".scan.lock") as held:
+        assert held
+        code = main(["scan", str(mixed_folder[0] / "a"), "--out", str(out), "--bundle", str(tiny_bundle)])
+    err = capsys.readouterr().err
+    assert code == 2 and "another scan is writing" in err and len(err.strip().splitlines()) == 1
+    with exclusive_lock(out / ".scan.lock") as held:
+        assert held  # released with its holder
+
+
+def test_the_printed_cause_of_a_ray_failure_is_the_error_not_rays_hint():
+    import ray.exceptions
+
+    from diffiml.runtime.scan import _cause
+
+    try:
+        "caf\udce9".encode()
+    except UnicodeEncodeError as exc:
+        wrapped = ray.exceptions.RayTaskError("read_batch", "Traceback (most recent call last):\n  File x\n"
+                                              "UnicodeEncodeError: ...\n\nRetry the task if ...", exc)
+    assert _cause(wrapped).startswith("UnicodeEncodeError: 'utf-8' codec can't encode")
+
+
+def test_names_that_are_not_utf8_and_an_input_that_kills_its_worker(tiny_bundle, tmp_path, ray_tmp):
+    """A name in Latin-1 bytes is scanned like any other and shown escaped; an input that ends its worker process
+    is tried MAX_ATTEMPTS times, then has a row saying so, and the rest of the job finishes; a rerun redoes nothing."""
+    from diffiml.runtime.scan_worker import FAULT_ENV, MAX_ATTEMPTS
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate((b"good.png", b"caf\xe9.png", b"poison.png")):
+        Path(os.fsdecode(os.path.join(os.fsencode(folder), name))).write_bytes(
+            cv2.imencode(".png", _photo(40, 56, i))[1].tobytes())
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "diffiml.cli", "scan", str(folder), "--out", str(out), "--bundle",
+               str(tiny_bundle), "--batch-size", "1", "--actors", "1", "--no-progress", "--report", *SETTINGS]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, FAULT_ENV: "poison"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = {r["path"]: r for r in read_scan_table(out)}
+    latin = str(folder) + "/caf\\xe9.png"
+    assert set(rows) == {str(folder / "good.png"), latin, str(folder / "poison.png")}
+    assert rows[latin]["error"] is None and rows[latin]["path_bytes"] == os.fsencode(folder) + b"/caf\xe9.png"
+    poison = rows[str(folder / "poison.png")]
+    assert poison["error_kind"] == "input" and f"ended its worker process {MAX_ATTEMPTS} times" in poison["error"]
+    assert "caf\\xe9.png" in (out / "report.html").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 3
+
+
+def test_the_driver_bench_skips_every_input_of_a_finished_table(tmp_path):
+    from diffiml.benchmarks.scan_driver import bench_scan_driver
+
+    row = bench_scan_driver(tmp_path, 50)
+    assert (row["inputs"], row["skipped"], row["to_compute"]) == (50, 50, 0)

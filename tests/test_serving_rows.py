@@ -114,3 +114,26 @@ def test_instances_go_round_robin_over_the_gpus(tiny_bundle, monkeypatch):
     models = serving.open_instances(serving.ServeOptions(bundle=tiny_bundle, instances=3))
     assert seen == [0, 1, 0] and models[0].stats is models[2].stats
     assert 'outcome="ok"} 0' in models[0].stats.prometheus()  # the warm-up requests are not counted
+
+
+def test_a_row_that_fails_inference_fails_alone_in_its_batch(tiny_bundle):
+    """A MemoryError in one row of a batch of 3 (injected) used to fail all 3: the batch is retried row by row."""
+    bundle = load_bundle(tiny_bundle)
+    model = InstanceModel(bundle, open_backend(bundle, "ort-cpu"))
+    real = model.localizer
+
+    class Poisoned:
+        def __init__(self, localizer):
+            self.inner = localizer
+
+        def localize_batch(self, images, seeds=None):
+            if any(d.width == 57 for d in images):
+                raise MemoryError("injected")
+            return self.inner.localize_batch(images, seeds=seeds)
+
+    model.localizer = lambda s: Poisoned(real(s))
+    odd = cv2.imencode(".png", np.zeros((40, 57, 3), np.uint8))[1].tobytes()
+    answers = model([Request([_png(0), odd, _png(1)], {"seed": 1})])
+    errors = [e[0].decode() for e in answers[0]["error"]]
+    assert errors[0] == errors[2] == "" and "MemoryError" not in errors[1] and "injected" in errors[1]
+    assert np.isfinite(answers[0]["score"][[0, 2], 0]).all() and np.isnan(answers[0]["score"][1, 0])

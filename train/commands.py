@@ -40,6 +40,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder: the checkpoint goes to OUT/checkpoint, for `export OUT`")
     p.set_defaults(handler=import_authors)
 
+    p = sub.add_parser("distill", help="progressive distillation: a student UNet that takes half its teacher's "
+                                       "DDIM steps, in rounds (8 -> 4 -> 2)")
+    p.add_argument("teacher", help="a trained DiffIML checkpoint or run folder (or a student of an earlier round)")
+    p.add_argument("--data", required=True, help="IMDLBenCo JSON list or Tp/Gt folder: only the images are read")
+    p.add_argument("--out", required=True, help="run folder; round k's student goes to OUT/steps-k/checkpoint")
+    p.add_argument("--to", type=int, default=2, help="the final student's step count (default 2)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per round")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="also keep weights-only copies OUT/steps-k/snapshots/step-NNNNNN (for `bench curve`)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue a killed run; finished rounds are kept")
+    p.set_defaults(handler=distill)
+
     for name, fn in (("train", train), ("train-vae", train_vae)):
         p = sub.add_parser(name, help="train DiffIML (or --baseline)" if name == "train" else "train LightVAE")
         p.add_argument("--config", default="small", help="a named config (tiny, small, paper)")
@@ -128,7 +145,7 @@ def _options(args: argparse.Namespace):  # noqa: ANN202
 
     return TrainOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, num_workers=args.workers,
-                        stop_after=args.stop_after, snapshot_every=args.snapshot_every)
+                        stop_after=getattr(args, "stop_after", None), snapshot_every=args.snapshot_every)
 
 
 def _dataset(args: argparse.Namespace, image_size: int):  # noqa: ANN202
@@ -205,4 +222,20 @@ def train(args: argparse.Namespace) -> int:
     losses = run(model, _dataset(args, config.image_size), args.out, {"kind": kind, "model": config.to_json()},
                  _options(args), args.resume)
     print(json.dumps({"out": args.out, "steps": args.steps, "final_loss": losses[-1] if losses else None}))
+    return 0
+
+
+def distill(args: argparse.Namespace) -> int:
+    from diffiml.train.checkpoint import load_config
+    from diffiml.train.data.dataset import ForgeryDataset
+    from diffiml.train.data.readers import read_dataset
+    from diffiml.train.distill import distill_rounds
+
+    config = load_config(args.teacher)
+    if config.get("kind") != "diffiml":
+        raise ValueError(f"{args.teacher}: not a DiffIML checkpoint (kind {config.get('kind')!r})")
+    # The images as the runtime sees them (no augmentation): the student must match the teacher where it is used.
+    dataset = ForgeryDataset(read_dataset(args.data), int(config["model"]["image_size"]), train=False, seed=args.seed)
+    rounds = distill_rounds(args.teacher, dataset, args.out, args.to, _options(args), args.resume)
+    print(json.dumps({"out": args.out, "rounds": rounds}))
     return 0

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffiml.constants import LATENT_CHANNELS
-from diffiml.schedule import ddim_plan, ensemble_noise
+from diffiml.schedule import DdimPlan, ddim_plan, ensemble_noise
 from diffiml.train.ddim import ddim_update
 from diffiml.train.model import DiffIML
 
@@ -27,13 +27,14 @@ class Sample:
 
 @torch.no_grad()
 def denoise_from_condition(model: DiffIML, cond: torch.Tensor, noise: torch.Tensor, steps: int,
-                           unet: Any = None, authors_order: bool = False) -> torch.Tensor:
+                           unet: Any = None, authors_order: bool = False, plan: DdimPlan | None = None) -> torch.Tensor:
     """The encoder's output (B, C, h, w); noise (N, 8, h, w), shared by every image -> final latents
     (B, N, 8, h, w). ``unet`` replaces ``model.unet``'s call (a compiled UNet, for Table 4). ``authors_order``: the
     authors' loop, one member at a time with the UNet's condition conv re-run at every step (Table 4's reference);
-    otherwise the condition conv runs once and all members are one batch."""
+    otherwise the condition conv runs once and all members are one batch. ``plan``: other timesteps than the
+    K-step DDIM schedule's (a distilled student's)."""
     b, n = cond.shape[0], noise.shape[0]
-    plan = ddim_plan(steps)
+    plan = plan or ddim_plan(steps)
     call = unet or model.unet
     hoisted = None if authors_order else model.unet.condition_features(cond)
     finals = []
@@ -48,9 +49,10 @@ def denoise_from_condition(model: DiffIML, cond: torch.Tensor, noise: torch.Tens
 
 
 @torch.no_grad()
-def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def denoise(model: DiffIML, image: torch.Tensor, noise: torch.Tensor, steps: int,
+            plan: DdimPlan | None = None) -> torch.Tensor:
     """image (B, 3, H, W); noise (N, 8, h, w), shared by every image -> final latents (B, N, 8, h, w)."""
-    return denoise_from_condition(model, model.encoder(image), noise, steps)
+    return denoise_from_condition(model, model.encoder(image), noise, steps, plan=plan)
 
 
 @torch.no_grad()
@@ -64,8 +66,10 @@ def decode_probability(model: DiffIML, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model: DiffIML, image: torch.Tensor, steps: int = 8, ensemble: int = 5, seed: int = 0,
-           tta: bool = False, members: bool = False, noise: np.ndarray | None = None) -> Sample:
-    """image: (B, 3, H, W) ImageNet-normalized at the model's input size."""
+           tta: bool = False, members: bool = False, noise: np.ndarray | None = None,
+           plan: DdimPlan | None = None) -> Sample:
+    """image: (B, 3, H, W) ImageNet-normalized at the model's input size; ``plan`` replaces the ``steps``-step
+    DDIM schedule (a distilled student's own)."""
     model.eval()
     h = image.shape[-1] // 8
     draws = ensemble * (2 if tta else 1)
@@ -76,7 +80,7 @@ def sample(model: DiffIML, image: torch.Tensor, steps: int = 8, ensemble: int = 
         passes.append((image.flip(-1), noise_t[ensemble:], True))
     probs, member_probs = [], []
     for img, nz, flipped in passes:
-        z = denoise(model, img, nz, steps)
+        z = denoise(model, img, nz, steps, plan)
         p = decode_probability(model, z.mean(dim=1)).unsqueeze(1)
         m = decode_probability(model, z) if members else None
         if flipped:

@@ -51,8 +51,8 @@ def _open(bundle: Bundle, name: str, threads: int | None, precision: str, device
         reason = tensorrt_backend.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(f"tensorrt: {reason}")
-        engines, loop = tensorrt_backend.open_engines(bundle, device_id)
-        return Backend(name, dict(engines), loop)
+        engines, loop, students = tensorrt_backend.open_engines(bundle, device_id)
+        return Backend(name, dict(engines), loop, student_loops=dict(students))
     from diffiml.runtime.backends.ort_backend import OrtCudaStepLoop, OrtEngine, cuda_available
 
     device = "cuda" if name == "ort-cuda" else "cpu"
@@ -60,5 +60,7 @@ def _open(bundle: Bundle, name: str, threads: int | None, precision: str, device
         raise BackendUnavailableError("ort-cuda: onnxruntime cannot run on a CUDA device here (it needs "
                                       "onnxruntime-gpu, a GPU, its driver and the CUDA libraries)")
     engines = {g: OrtEngine(bundle.graph(g, precision), device, threads, device_id) for g in GRAPH_NAMES}
-    loop = OrtCudaStepLoop(engines["unet"]) if device == "cuda" else HostStepLoop(engines["unet"])
-    return Backend(name, dict(engines), loop)
+    loop_of = OrtCudaStepLoop if device == "cuda" else HostStepLoop
+    students = {g: loop_of(OrtEngine(bundle.graph(g, precision), device, threads, device_id))
+                for g in bundle.unet_graphs[1:]}
+    return Backend(name, dict(engines), loop_of(engines["unet"]), student_loops=dict(students))

@@ -57,15 +57,25 @@ class Backend:
     engines: dict[str, Engine]
     step_loop: StepLoop
     skipped: dict[str, str] = field(default_factory=dict)  # backends ``auto`` passed over, and why
+    # The step loops of the bundle's distilled UNets by graph name (``unet_k2``); the teacher's is ``step_loop``.
+    student_loops: dict[str, StepLoop] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     closed: bool = False
+
+    def loop_for(self, unet_graph: str) -> StepLoop:
+        """The step loop running ``unet_graph`` (``Bundle.unet_graph(steps)``)."""
+        if unet_graph == "unet":
+            return self.step_loop
+        if unet_graph not in self.student_loops:
+            raise KeyError(f"{self.name}: no engine for the UNet graph {unet_graph!r}")
+        return self.student_loops[unet_graph]
 
     def close(self) -> None:
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-            parts: list[Any] = [self.step_loop, *self.engines.values()]
+            parts: list[Any] = [self.step_loop, *self.student_loops.values(), *self.engines.values()]
             for part in parts:  # the step loop first: it may hold captures on the engines' buffers
                 close = getattr(part, "close", None)
                 if callable(close):

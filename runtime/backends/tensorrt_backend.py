@@ -61,7 +61,7 @@ def select_engines(bundle: Bundle, identity: dict[str, str]) -> dict[str, dict[s
         raise BundleError(f"{bundle.root}: no TensorRT engines; build them with `diffiml build-engines`")
     mine = {e["graph"]: e for e in entries if e["compute_capability"] == identity["compute_capability"]
             and e["tensorrt_version"] == identity["tensorrt_version"]}
-    if set(mine) != set(GRAPH_NAMES):
+    if set(mine) != set(bundle.graph_names):
         built = sorted({(e["device_name"], e["compute_capability"], e["tensorrt_version"]) for e in entries})
         raise BundleError(
             f"{bundle.root}: engines were built for {built} but this machine has {identity['device_name']} "
@@ -78,6 +78,7 @@ class TrtContext:
 
         entries = select_engines(bundle, device_identity(device_id))  # refuse a bundle before touching the GPU
         self.device_id = device_id
+        self.closed = False
         self.use_device()
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -113,7 +114,11 @@ class TrtContext:
         check(cudart().cudaStreamSynchronize(self.stream))
 
     def close(self) -> None:
-        """Free every engine's buffers, the activation pool and the stream (contexts and engines go first)."""
+        """Free every engine's buffers, the activation pool and the stream (contexts and engines go first). Once:
+        the teacher's and each student's step loop close the context they share."""
+        if self.closed:
+            return
+        self.closed = True
         self.synchronize()
         for user in self.users:
             user.close()
@@ -152,8 +157,9 @@ class TrtEngine:
 
     def check_batch(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Refuse a batch beyond the engines' profiles with a line that says how to rebuild them."""
-        images = {"condition_encoder": "image", "unet": "cond_features"}.get(self.name)
-        members = {"unet": "latents", "mask_decoder": "latents"}.get(self.name)
+        role = "unet" if self.name.startswith("unet") else self.name  # a distilled UNet (unet_k2) is a UNet too
+        images = {"condition_encoder": "image", "unet": "cond_features"}.get(role)
+        members = {"unet": "latents", "mask_decoder": "latents"}.get(role)
         for tensor, limit, what in ((images, self.ctx.max_images, "images"),
                                     (members, self.ctx.max_members, "latents (images x members)")):
             if tensor is not None and shapes[tensor][0] > limit:
@@ -309,7 +315,10 @@ class TrtStepLoop:
         return np.array(out, copy=True)
 
 
-def open_engines(bundle: Bundle, device_id: int = 0) -> tuple[dict[str, TrtEngine], TrtStepLoop]:
+def open_engines(bundle: Bundle, device_id: int = 0
+                 ) -> tuple[dict[str, TrtEngine], TrtStepLoop, dict[str, TrtStepLoop]]:
+    """The three engines, the teacher's step loop, and a step loop per distilled UNet (all on one context)."""
     ctx = TrtContext(bundle, device_id)
     engines = {name: TrtEngine(ctx, name) for name in GRAPH_NAMES}
-    return engines, TrtStepLoop(engines["unet"])
+    students = {name: TrtStepLoop(TrtEngine(ctx, name)) for name in bundle.unet_graphs[1:]}
+    return engines, TrtStepLoop(engines["unet"]), students
