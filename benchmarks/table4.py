@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from diffiml.runtime.errors import one_line
+
 log = logging.getLogger(__name__)
 PAPER_ROWS = [
     {"backend": "paper (RTX 3090)", "ensemble": 1, "params_m": 48.51, "gmacs": 53.01, "fps": 69.48},
@@ -167,7 +169,7 @@ def bench_table4(config_name: str, bundle: str | None, backends: list[str], ense
                     fn = _torch_backend(backend, model, tensor, steps, n, torch_device)
                     rows.append(row(backend, precision, n, time_runs(fn, runs, warmup), torch_name))
                 except Exception as exc:  # noqa: BLE001 - reported in the table
-                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    message = one_line(exc)
                     rows.append(row(backend, precision, n, None, "-", skipped=f"failed: {message[:200]}"))
                 rows[-1]["device_kind"] = torch_device
                 continue

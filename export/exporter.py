@@ -9,6 +9,7 @@ Every graph is fixed at the bundle's input size; only batch dimensions are dynam
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from safetensors.torch import load_file
 
 import diffiml
 from diffiml.constants import CLIP_SAMPLE_RANGE, DEFAULT_STEPS, IMAGE_MEAN, IMAGE_STD
@@ -110,12 +112,31 @@ def fitted_detector(checkpoint: Path) -> dict[str, Any]:
     return entry
 
 
-def shared_weights_differ(teacher: DiffIML, student: DiffIML) -> list[str]:
-    """The tensors a student must share with its teacher (encoder, the UNet's condition entry, LightVAE: all but the
-    graph a bundle carries per student) that it does not."""
-    ours, theirs = teacher.state_dict(), student.state_dict()
-    shared = [k for k in ours if not k.startswith("unet.") or k.startswith("unet.condition_entry.")]
-    return [k for k in shared if k not in theirs or not torch.equal(ours[k], theirs[k])]
+def load_student(path: str | Path, teacher: DiffIML) -> tuple[DiffIML, Path]:
+    """A checkpoint distilled from ``teacher`` (``diffiml distill``) as a model. Its file may hold the whole model or
+    only the UNet's tensors (how a student ships beside its teacher); whatever it holds outside the distilled part
+    (the encoder, the UNet's condition entry, the LightVAE: what a bundle's student shares with its teacher) must be
+    the teacher's, or it was distilled from another checkpoint and is refused."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    if checkpoint_plan(config) is None:
+        raise ExportError(f"{ckpt}: not a distilled checkpoint (its config has no {DISTILLED_KEY!r} plan)")
+    if ModelConfig.from_json(config["model"]) != teacher.config:
+        raise ExportError(f"{ckpt}: a student of another architecture than the bundle's model")
+    stored = load_file(str(ckpt / "model.safetensors"))
+    reference = teacher.state_dict()
+    missing = [k for k in reference if k.startswith("unet.") and k not in stored]
+    unexpected = [k for k in stored if k not in reference]
+    if missing or unexpected:
+        raise ExportError(f"{ckpt}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    shared = [k for k in stored if not k.startswith("unet.") or k.startswith("unet.condition_entry.")]
+    differ = [k for k in shared if not torch.equal(stored[k].to(reference[k].dtype), reference[k])]
+    if differ:
+        raise ExportError(f"{ckpt}: its encoder, condition entry or LightVAE differ from the teacher's "
+                          f"({', '.join(differ[:3])}); it was distilled from another checkpoint")
+    student = copy.deepcopy(teacher)
+    student.load_state_dict({**reference, **{k: v.to(reference[k].dtype) for k, v in stored.items()}})
+    return student.eval(), ckpt
 
 
 def export_students(model: DiffIML, students: list[Path], staging: Path, out: Path, attention: str,
@@ -127,16 +148,9 @@ def export_students(model: DiffIML, students: list[Path], staging: Path, out: Pa
     records: dict[str, Any] = {}
     checks: dict[str, float] = {}
     for path in students:
-        student, ckpt = load_diffiml(path)
+        student, ckpt = load_student(path, model)
         plan = checkpoint_plan(load_config(ckpt))
-        if plan is None:
-            raise ExportError(f"{ckpt}: not a distilled checkpoint (its config has no {DISTILLED_KEY!r} plan)")
-        if student.config != model.config:
-            raise ExportError(f"{ckpt}: a student of another architecture than the bundle's model")
-        differ = shared_weights_differ(model, student)
-        if differ:
-            raise ExportError(f"{ckpt}: its encoder, condition entry or LightVAE differ from the teacher's "
-                              f"({', '.join(differ[:3])}); it was distilled from another checkpoint")
+        assert plan is not None
         k = len(plan.timesteps)
         gname = student_graph_name(k)
         if gname in graphs:

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffiml.export.exporter import load_diffiml
+from diffiml.export.exporter import load_diffiml, load_student
 from diffiml.export.graphs import graph_specs
 from diffiml.runtime.backends.base import Backend, HostStepLoop
 from diffiml.runtime.bundle import Bundle, load_bundle, sha256_of
 from diffiml.runtime.errors import BundleError
 from diffiml.runtime.localizer import AdaptiveEnsemble, Localizer, parse_ensemble
+from diffiml.train.model import DiffIML
 
 
 class TorchEngine:
@@ -31,16 +32,17 @@ class TorchEngine:
         return {self.outputs[0]: out.numpy()}
 
 
-def torch_engines(checkpoint: str | Path) -> dict[str, TorchEngine]:
-    model, _ = load_diffiml(checkpoint)
+def torch_engines(model: DiffIML) -> dict[str, TorchEngine]:
     return {name: TorchEngine(module, [t.name for t in spec.inputs], [t.name for t in spec.outputs])
             for name, (spec, module) in graph_specs(model).items()}
 
 
 def torch_backend(checkpoint: str | Path, students: dict[str, Path] | None = None) -> Backend:
     """``students``: checkpoint folders of the bundle's distilled UNets, by graph name."""
-    engines = torch_engines(checkpoint)
-    loops = {name: HostStepLoop(torch_engines(path)["unet"]) for name, path in (students or {}).items()}
+    model, _ = load_diffiml(checkpoint)
+    engines = torch_engines(model)
+    loops = {name: HostStepLoop(torch_engines(load_student(path, model)[0])["unet"])
+             for name, path in (students or {}).items()}
     return Backend("torch-reference", dict(engines), HostStepLoop(engines["unet"]), student_loops=dict(loops))
 
 

@@ -20,7 +20,7 @@ from struct import error as struct_error
 import cv2
 import numpy as np
 
-from diffiml.runtime.errors import ImageDecodeError
+from diffiml.runtime.errors import ImageDecodeError, one_line
 
 # Documented limits: inputs beyond these many pixels are refused before decoding (a decompression-bomb guard).
 # JPEG and 8-bit PNG are decoded at a reduced size when large; every other format is decoded whole, so its limit is
@@ -69,7 +69,7 @@ def _decode(data: np.ndarray, flag: int, name: str) -> np.ndarray:
     try:
         decoded = cv2.imdecode(data, flag)
     except (cv2.error, MemoryError, OverflowError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = one_line(exc, last=True)
         raise ImageDecodeError(f"{name}: not a decodable image ({reason[:200]})") from None
     if decoded is None or decoded.size == 0:
         raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format)")

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from diffiml.runtime.errors import DiffimlError
+from diffiml.runtime.errors import DiffimlError, one_line
 
 log = logging.getLogger(__name__)
 READ_CPUS = 0.25  # a read task is I/O and hashing; a fraction of a CPU keeps the actors from starving the reads
@@ -78,7 +78,7 @@ def connect(address: str | None) -> bool:
         else:
             ray.init(include_dashboard=False, **quiet)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, its own
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        reason = one_line(exc)
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         hint = ""
         if address and not os.environ.get("RAY_AUTH_MODE"):

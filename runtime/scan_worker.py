@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from diffiml.runtime.errors import one_line
 from diffiml.runtime.image_io import MAX_BYTES
 from diffiml.runtime.scan_inputs import is_uri, map_stem, open_filesystem, source_of
 from diffiml.runtime.scan_table import SCHEMA, display_path
@@ -79,8 +80,7 @@ def _read_one(key: bytes, done_sha256: str | None) -> dict[str, Any]:
     except FileNotFoundError:
         row.update(data=None, error=f"{shown}: cannot read (no such file)", error_kind="read")
     except (OSError, pa.ArrowException, ValueError) as exc:
-        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-                  if str(exc).strip() else type(exc).__name__)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
         row.update(data=None, error=f"{shown}: cannot read ({reason})", error_kind="read")
     if row["sha256"] is not None and row["sha256"] == done_sha256:
         row.update(data=None, skip=True, error=None, error_kind=None)
@@ -181,7 +181,7 @@ class ScanWorker:
             files = write_outputs(result, decoded.rgb, self.maps_dir / shard, stem)
             timings["write"] = (time.perf_counter() - t1) * 1000
         except Exception as exc:  # noqa: BLE001 - a row with the reason, never a failed job
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = one_line(exc) if str(exc).strip() else ""
             return {"error": f"{source}: {type(exc).__name__}: {message}", "error_kind": "run"}
         return {"width": result.width, "height": result.height, "score": result.score, "decision": result.decision,
                 "manipulated_fraction": result.manipulated_fraction, "members": result.members,

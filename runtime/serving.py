@@ -37,7 +37,7 @@ from diffiml.runtime.backends import open_backend
 from diffiml.runtime.backends.base import Backend
 from diffiml.runtime.backends.cuda_memory import device_count
 from diffiml.runtime.bundle import Bundle, load_bundle
-from diffiml.runtime.errors import DiffimlError
+from diffiml.runtime.errors import DiffimlError, one_line
 from diffiml.runtime.image_io import DecodedImage, load_image
 from diffiml.runtime.localizer import LocalizationResult, Localizer
 from diffiml.runtime.serving_stats import ServeStats, start_stats_server
@@ -188,7 +188,7 @@ class InstanceModel:
         self.stats.ok(1)
 
     def _fail(self, rows: list[dict[str, Any]], kind: str, exc: BaseException) -> None:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = one_line(exc)
         for row in rows:
             row.clear()
             row["error"] = message if isinstance(exc, DiffimlError) else f"{kind} failed: {message}"

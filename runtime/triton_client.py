@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from diffiml.runtime.errors import BackendUnavailableError, DiffimlError
+from diffiml.runtime.errors import BackendUnavailableError, DiffimlError, one_line
 from diffiml.runtime.localizer import LocalizationResult
 
 MODEL_NAME = "diffiml"  # the Triton model name; defined here, where both the server and the PyTriton-free client see it
@@ -86,7 +86,7 @@ class TritonLocalizer:
             else:
                 response = self._client.infer(MODEL_NAME, [image], outputs=outputs, parameters=parameters)
         except Exception as exc:  # tritonclient raises its own exception types, and socket errors  # noqa: BLE001
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = one_line(exc)
             raise ServerError(f"{self.url}: {text}") from None
         error = response.as_numpy("error").reshape(-1)[0]
         if error:

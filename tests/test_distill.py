@@ -178,3 +178,14 @@ def test_fast_runs_the_student_and_is_refused_without_one(student_bundle, tiny_b
     assert "distilled UNet" in capsys.readouterr().err
     assert main(["localize", str(image), "--bundle", str(student_bundle), "--out", str(tmp_path / "both"),
                  "--fast", "--steps", "4"]) != 0
+
+
+def test_a_student_shipped_as_its_unet_alone_exports_the_same_graph(student_bundle, tiny_run, distilled, tmp_path):
+    """How the default model ships its student: only the UNet's tensors, the rest being the teacher's."""
+    lean = tmp_path / "lean"
+    shutil.copytree(distilled / "steps-2" / "checkpoint", lean)
+    weights = load_file(str(lean / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k.startswith("unet.")}, str(lean / "model.safetensors"))
+    manifest = export_bundle(tiny_run, tmp_path / "bundle", students=[lean])
+    first = json.loads((student_bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["unet_k2"]["sha256"] == first["graphs"]["unet_k2"]["sha256"]

@@ -1,6 +1,8 @@
 """Copy a trained DiffIML checkpoint into the repository as the shipped default model: weights only (no optimizer
-state), in float32 by default (the exact weights that were evaluated) or float16 with --fp16.
-Usage: python tools/ship_model.py RUN_OR_SNAPSHOT models/default [--fp16]"""
+state), in float32 by default (the exact weights that were evaluated) or float16 with --fp16. With --unet-only (for
+a student of ``diffiml distill``, shipped beside its teacher): only the UNet's tensors, since the rest is the
+teacher's (export checks that it is).
+Usage: python tools/ship_model.py RUN_OR_SNAPSHOT models/default [--fp16] [--unet-only]"""
 
 import json
 import shutil
@@ -8,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from diffiml.export.exporter import load_diffiml
 from diffiml.train.checkpoint import load_config, resolve_checkpoint, save_checkpoint
@@ -21,6 +24,9 @@ config["trained_steps"] = state["step"]
 tmp = out.with_name(out.name + ".build")
 shutil.rmtree(tmp, ignore_errors=True)
 final = save_checkpoint(tmp, model, config, dtype=torch.float16 if "--fp16" in sys.argv else None)
+if "--unet-only" in sys.argv:
+    weights = load_file(str(final / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k.startswith("unet.")}, str(final / "model.safetensors"))
 out.mkdir(parents=True, exist_ok=True)
 for f in final.iterdir():
     shutil.copy(f, out / f.name)
