@@ -152,15 +152,16 @@ def plan_work(inputs: list[str], done: Any, verify: bool = False) -> tuple[Any, 
                 except OSError:
                     continue
                 sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    table = pa.table({"path_bytes": pa.array([input_key(p) for p in inputs], pa.binary()),
-                      "_size": sizes, "_mtime": mtimes, "_i": np.arange(len(inputs), dtype=np.int64)})
-    index = done.rename_columns(["path_bytes", "done_sha256", "done_size", "done_mtime"])
-    joined = table.join(index, keys="path_bytes", join_type="left outer").sort_by("_i")
-    same = pc.and_(pc.equal(joined.column("_size"), joined.column("done_size")),
-                   pc.equal(joined.column("_mtime"), joined.column("done_mtime")))
-    same = pc.and_(pc.fill_null(same, False), pc.greater_equal(joined.column("_size"), 0))
-    work = joined.filter(pc.invert(same)).select(["path_bytes", "done_sha256"])
-    return work, joined.num_rows - work.num_rows
+    try:  # UTF-8 names (nearly all): one Arrow copy of the strings, its bytes the keys
+        keys = pa.array(inputs, pa.string()).cast(pa.binary())
+    except (UnicodeEncodeError, pa.ArrowException):  # some name is not UTF-8: each one's own bytes
+        keys = pa.array([input_key(p) for p in inputs], pa.binary())
+    found = pc.index_in(keys, value_set=done.column("path_bytes").combine_chunks())  # row in done, or null
+    done_size, done_mtime, done_sha = (pc.take(done.column(c), found) for c in ("size", "mtime_ns", "sha256"))
+    same = pc.and_(pc.equal(pa.array(sizes), done_size), pc.equal(pa.array(mtimes), done_mtime))
+    same = pc.and_(pc.fill_null(same, False), pa.array(sizes >= 0))
+    work = pa.table({"path_bytes": keys, "done_sha256": done_sha}).filter(pc.invert(same))
+    return work, len(inputs) - work.num_rows
 
 
 def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Layout, progress: bool = True,
@@ -202,7 +203,8 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
     try:
         if work.num_rows:
             size = layout.batch_size
-            blocks = [work.slice(i, size * 64) for i in range(0, work.num_rows, size * 64)]
+            per_block = max(size, -(-work.num_rows // 10_000))  # a batch per block, at most 10 000 blocks
+            blocks = [work.slice(i, per_block) for i in range(0, work.num_rows, per_block)]
             ds = ray.data.from_arrow(blocks).map_batches(
                 read_batch, batch_size=size, batch_format="pyarrow", num_cpus=READ_CPUS)
             ds = ds.map_batches(ScanWorker, batch_size=size, batch_format="pyarrow",

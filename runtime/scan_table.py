@@ -69,6 +69,7 @@ FINAL_ERROR_KINDS = (None, "input")  # rows a rerun does not compute again (for 
 FLUSH_ROWS = 1024  # a part per this many rows, or per FLUSH_SECONDS, whichever comes first
 FLUSH_SECONDS = 5.0
 INDEX_COLUMNS = ("path_bytes", "sha256", "size", "mtime_ns")
+COMPACTED_SUFFIX = "-compacted.parquet"  # a part holding the newest row per input (one row each)
 
 
 def part_files(out_dir: str | Path) -> list[Path]:
@@ -85,8 +86,12 @@ def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table | None:
     """One part conformed to SCHEMA (only ``columns`` when given), or None when it is unreadable (cut short)."""
     try:
         present = pq.read_schema(path).names
-        wanted = None if columns is None else [c for c in {*columns, "path"} if c in present]
-        return _conform(pq.read_table(path, columns=wanted), columns)
+        wanted = None if columns is None else [c for c in columns if c in present]
+        table = pq.read_table(path, columns=wanted)
+        if columns is not None and "path_bytes" in columns and (
+                "path_bytes" not in present or table.column("path_bytes").null_count):
+            table = table.append_column("path", pq.read_table(path, columns=["path"]).column("path"))
+        return _conform(table, columns)
     except (OSError, pa.ArrowException) as exc:  # a part cut short (written before parts were fsynced)
         log.warning("%s: unreadable table part skipped; its inputs will be scanned again (%s)", path, exc)
         return None
@@ -99,6 +104,16 @@ def read_all_rows(out_dir: str | Path, columns: list[str] | None = None) -> pa.T
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
+def _read_newest(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The newest row per input. A table that is one compacted part has one row per input already: read as is
+    (grouping a million keys would double the memory of a rerun's index)."""
+    parts = part_files(out_dir)
+    table = read_all_rows(out_dir, columns)
+    if len(parts) == 1 and parts[0].name.endswith(COMPACTED_SUFFIX):
+        return table
+    return _newest(table)
+
+
 def _conform(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
     """SCHEMA's columns (or ``columns``) in its order; a column an older part lacks is null (the table may gain
     columns), except the key, which older parts had as ``path``."""
@@ -107,9 +122,11 @@ def _conform(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
     for name in names:
         field = SCHEMA.field(name)
         if name == "path_bytes":  # null where a writer gave only the text (UTF-8 names, older parts)
-            from_text = pc.cast(table.column("path"), pa.binary())
             given = table.column(name) if name in table.column_names else None
-            out.append(from_text if given is None else pc.if_else(pc.is_valid(given), given, from_text))
+            if given is None or given.null_count:
+                from_text = pc.cast(table.column("path"), pa.binary())
+                given = from_text if given is None else pc.if_else(pc.is_valid(given), given, from_text)
+            out.append(given)
         elif name in table.column_names:
             out.append(table.column(name))
         else:
@@ -133,14 +150,14 @@ def read_scan_table(out_dir: str | Path) -> list[dict[str, Any]]:
     """The scan's rows, the newest per input (an input scanned again after its bytes changed, or retried after a
     failure, keeps only its latest row), in the order they were written. Each row is a dict of the columns in this
     module's docstring; JSON columns stay strings (``json.loads(row["outputs"])``)."""
-    return _newest(read_all_rows(out_dir)).to_pylist()
+    return _read_newest(out_dir).to_pylist()
 
 
 def done_index(out_dir: str | Path) -> pa.Table:
     """``INDEX_COLUMNS`` of the inputs whose newest row is final (localized, or refused for its content), read as
     columns from the parts: a rerun skips an input with the same key, size and mtime, or whose bytes still have that
     sha256. A million rows take about 100 MB here, not Python objects per row."""
-    table = _newest(read_all_rows(out_dir, [*INDEX_COLUMNS, "error_kind"]))
+    table = _read_newest(out_dir, [*INDEX_COLUMNS, "error_kind"])
     final = pc.and_(pc.is_valid(table.column("sha256")),
                     pc.or_kleene(pc.is_null(table.column("error_kind")),
                                  pc.is_in(table.column("error_kind"), pa.array([k for k in FINAL_ERROR_KINDS if k]))))
@@ -175,7 +192,7 @@ def compact(out_dir: str | Path, run_id: str) -> Path | None:
     index = pa.concat_tables(keys)
     keep = index.take(_last_per_key(index))
     folder = Path(out_dir) / ROWS_DIR
-    target = folder / f"part-{run_id}-999999-compacted.parquet"
+    target = folder / f"part-{run_id}-999999{COMPACTED_SUFFIX}"
     with atomic_path(target, durable=True) as tmp:
         writer = pq.ParquetWriter(tmp, SCHEMA)
         try:
