@@ -187,3 +187,25 @@ def test_bundles_written_before_the_residual_check_keep_their_behaviour() -> Non
     entry = CopyMoveCue().manifest()
     del entry["residual_threshold"]
     assert CopyMoveCue.from_manifest(entry, "manifest.json").residual_threshold == 0.0
+
+
+def test_the_score_hears_the_cue(tiny_bundle: Path) -> None:
+    """The cue's findings reach the detector's evidence, so a detector that weighs them scores the copy higher (a
+    score computed without the cue's evidence survived the earlier tests)."""
+    from diffiml.runtime.detector import Detector
+
+    forged, _ = _copy(_texture(6), (30, 40), (170, 190), 90)
+    weighs_cue = Detector(("cue_area",), np.zeros(1), np.full(1, 0.01), np.ones(1), 0.0, 1.0, 0.0, 0.6, 0.05, {})
+    with Localizer.open(tiny_bundle, backend="ort-cpu", ensemble=2) as with_cue, \
+            Localizer.open(tiny_bundle, backend="ort-cpu", ensemble=2, copy_move=False) as model_only:
+        with_cue.detector = model_only.detector = weighs_cue
+        fused, alone = with_cue.localize(forged), model_only.localize(forged)
+    assert fused.evidence["cue_area"] > 0 and alone.evidence["cue_area"] == 0
+    assert fused.score > 0.9 and alone.score == 0.5 and fused.decision and not alone.decision
+
+
+def test_regions_under_min_region_are_dropped() -> None:
+    forged, _ = _copy(_texture(6), (30, 40), (170, 190), 90)
+    assert find_copy_moves(forged, CopyMoveCue()).mask.mean() > 0.05
+    huge = replace(CopyMoveCue(), min_region=0.5)  # every verified region is smaller than half the image
+    assert not find_copy_moves(forged, huge).mask.any()

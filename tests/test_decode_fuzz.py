@@ -25,16 +25,16 @@ def _encoded(suffix: str) -> bytes:
     return buf.tobytes()
 
 
-def lying_headers() -> dict[str, bytes]:
-    """Small files whose headers claim 60000 x 60000 pixels (3.6 G), one per format."""
+def lying_headers(side: int = 60000) -> dict[str, bytes]:
+    """Small files whose headers claim side x side pixels (by default 60000: 3.6 G), one per format."""
     bmp = bytearray(_encoded(".bmp"))
-    bmp[18:26] = struct.pack("<ii", 60000, 60000)
+    bmp[18:26] = struct.pack("<ii", side, side)
     png = bytearray(_encoded(".png"))
-    png[16:24] = struct.pack(">II", 60000, 60000)  # IHDR (its CRC now wrong too)
-    ppm = b"P6\n60000 60000\n255\n" + bytes(300)
+    png[16:24] = struct.pack(">II", side, side)  # IHDR (its CRC now wrong too)
+    ppm = f"P6\n{side} {side}\n255\n".encode() + bytes(300)
     jpg = bytearray(_encoded(".jpg"))
     sof = jpg.find(b"\xff\xc0")
-    jpg[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
+    jpg[sof + 5 : sof + 9] = struct.pack(">HH", side, side)
     tiff = bytearray(_encoded(".tiff"))
     order = "<" if tiff[:2] == b"II" else ">"
     (ifd,) = struct.unpack(order + "I", tiff[4:8])
@@ -43,10 +43,10 @@ def lying_headers() -> dict[str, bytes]:
         at = ifd + 2 + 12 * i
         tag, kind = struct.unpack(order + "HH", tiff[at : at + 4])
         if tag in (256, 257):
-            value = struct.pack(order + ("H" if kind == 3 else "I"), 60000)
+            value = struct.pack(order + ("H" if kind == 3 else "I"), side)
             tiff[at + 8 : at + 8 + len(value)] = value
     webp = b"RIFF" + struct.pack("<I", 30) + b"WEBPVP8X" + struct.pack("<I", 10) + bytes(4) + \
-        (59999).to_bytes(3, "little") + (59999).to_bytes(3, "little")
+        (side - 1).to_bytes(3, "little") + (side - 1).to_bytes(3, "little")
     return {"bmp": bytes(bmp), "png": bytes(png), "ppm": ppm, "jpg": bytes(jpg), "tiff": bytes(tiff), "webp": webp}
 
 
@@ -107,3 +107,26 @@ def test_fuzzed_inputs_raise_only_image_decode_errors_and_stay_under_the_memory_
     assert result["other"] == []
     assert result["refused"] > len(lying_headers()) and result["decoded"] > 0  # both outcomes were exercised
     assert result["peak_mib"] < 2048
+
+
+@pytest.mark.parametrize("kind", ["bmp", "tiff", "ppm", "png16"])  # (webp: a bare VP8X header has no readable size)
+def test_formats_decoded_whole_have_their_own_pixel_limit(kind: str) -> None:
+    """Headers under MAX_PIXELS but over what a format decoded at full size may claim (12000² = 144 MP) are refused
+    by that limit, before any decoding; a JPEG of the same claim passes it (it is decoded reduced)."""
+    from diffiml.runtime.image_io import MAX_FULL_DECODE_PIXELS, MAX_PIXELS
+
+    side = 12000
+    assert MAX_FULL_DECODE_PIXELS < side * side < MAX_PIXELS
+    headers = lying_headers(side)
+    if kind == "png16":  # a 16-bit PNG is decoded whole
+        png = bytearray(headers["png"])
+        png[24] = 16
+        data = bytes(png)
+    else:
+        data = headers[kind]
+    with pytest.raises(ImageDecodeError, match="for this format"):
+        load_image(data)
+    try:  # libjpeg may fill the missing data in, or refuse it; the pixel limit does not refuse it
+        load_image(headers["jpg"], 256)
+    except ImageDecodeError as exc:
+        assert "exceeds" not in str(exc)

@@ -491,3 +491,17 @@ def test_the_driver_bench_skips_every_input_of_a_finished_table(tmp_path):
 
     row = bench_scan_driver(tmp_path, 50)
     assert (row["inputs"], row["skipped"], row["to_compute"]) == (50, 50, 0)
+
+
+
+def test_changed_bytes_are_computed_again_and_the_same_bytes_skipped(tmp_path):
+    """The read stage skips an input only for the sha256 of its final row, never for its path alone."""
+    from diffiml.runtime.scan_worker import _read_one
+
+    path = tmp_path / "x.png"
+    path.write_bytes(b"first")
+    first = _read_one(os.fsencode(path), None)
+    assert not first["skip"] and _read_one(os.fsencode(path), first["sha256"])["skip"]
+    path.write_bytes(b"other")
+    again = _read_one(os.fsencode(path), first["sha256"])
+    assert not again["skip"] and again["data"] == b"other"

@@ -137,3 +137,11 @@ def test_a_row_that_fails_inference_fails_alone_in_its_batch(tiny_bundle):
     errors = [e[0].decode() for e in answers[0]["error"]]
     assert errors[0] == errors[2] == "" and "MemoryError" not in errors[1] and "injected" in errors[1]
     assert np.isfinite(answers[0]["score"][[0, 2], 0]).all() and np.isnan(answers[0]["score"][1, 0])
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("True", True), (1, True), (True, True),
+                                             ("0", False), ("false", False), (0, False), (False, False)])
+def test_flags_read_every_spelling_a_client_sends(tiny_bundle, value, expected):
+    from diffiml.runtime.serving import parse_settings
+
+    assert parse_settings({"uncertainty": value}, load_bundle(tiny_bundle)).uncertainty is expected
