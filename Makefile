@@ -40,9 +40,11 @@ serve-env: $(SERVE_STAMP)
 
 # The default engine bundle, regenerated whenever the shipped checkpoint, its fitted detector, the exporter or the
 # manifest sections the runtime defines (copy-move cue, detector) change.
+# The distilled 2-step student ships beside the model (its UNet's tensors only) and goes into the bundle with it.
+STUDENT := $(wildcard $(MODEL)/student-k2/model.safetensors)
 $(BUNDLE)/manifest.json: $(STAMP) $(MODEL)/model.safetensors $(MODEL)/config.json $(wildcard $(MODEL)/detector.json) \
-		$(wildcard export/*.py) runtime/copy_move.py runtime/detector.py
-	$(BIN)/diffiml export $(MODEL) --out $(BUNDLE)
+		$(STUDENT) $(wildcard export/*.py) runtime/copy_move.py runtime/detector.py runtime/bundle.py
+	$(BIN)/diffiml export $(MODEL) --out $(BUNDLE) $(if $(STUDENT),--student $(MODEL)/student-k2)
 
 bundle: $(BUNDLE)/manifest.json
 

@@ -180,6 +180,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--out", required=True)
     n.set_defaults(handler=scan_bench)
 
+    c = bench.add_parser("cue-share", help="what the copy-move cue adds to a default localize call")
+    c.add_argument("--bundle", default="engines/default")
+    c.add_argument("--images", nargs="+", required=True, help="image files (or folders)")
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--out", required=True)
+    c.set_defaults(handler=cue_share)
+
     v = bench.add_parser("scan-driver", help="a rerun's skip pass over a million-row scan table: seconds and memory")
     v.add_argument("--rows", type=int, default=1_000_000)
     v.add_argument("--work", required=True, help="a folder for the synthetic inputs and table (reused if there)")
@@ -481,4 +488,18 @@ def scan_driver(args: argparse.Namespace) -> int:
         "skip_pass_s: reading the input list, the table's key columns (done_index) and a stat per input joined with "
         "them (plan_work), in a fresh process whose peak resident memory (Python and pyarrow included) is "
         "peak_rss_mib; compact_s: folding the table's parts into one, as a run ends.")))
+    return 0
+
+
+def cue_share(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.cue_share import bench_cue_share, to_markdown
+    from diffiml.runtime.commands import expand_inputs
+
+    images = expand_inputs(args.images)
+    row = bench_cue_share(args.bundle, images, args.rounds)
+    _report(args.out, "cue_share", row, to_markdown(row, (
+        f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores, "
+        "ort-cpu, the bundle's default steps and ensemble). with/without_cue_ms: wall time per image of Localizer."
+        "localize on decoded images, median over alternating rounds; cue_share_pct: the difference as a share of the "
+        "call with the cue; cue_own_ms: the cue's own time per image (median), most of it beside the graphs.")))
     return 0

@@ -25,20 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     p.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
-                   help="which of the bundle's graphs to run (int8: CPU; fp16: CUDA)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--ensemble", default=None, metavar="N|auto[:N]",
-                   help="ensemble members, or auto: stop adding members once the mask settles (at most N)")
-    add_fast_option(p)
-    p.add_argument("--ensemble-tolerance", type=float, default=None, metavar="FRACTION",
-                   help="auto ensemble: stop when at most this fraction of pixels flipped (default 0.002)")
-    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
-    p.add_argument("--seed", type=int, default=0)
-    add_copy_move_option(p)
-    add_follow_decision_option(p)
+    add_localizer_options(p)
     p.add_argument("--reference", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="run the PyTorch reference sampler (imports torch) on CHECKPOINT, or on the bundle's own")
     p.add_argument("--truth", default=None, help="a true mask for a single input: prints the F1 against it")
@@ -76,6 +63,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
 
     add_scan_parser(sub)
+
+
+def add_localizer_options(parser: argparse.ArgumentParser) -> None:
+    """The options of how a bundle runs, the same for every command that localizes here (localize, scan)."""
+    parser.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                        help="which of the bundle's graphs to run (int8: CPU; fp16: CUDA)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--ensemble", default=None, metavar="N|auto[:N]",
+                        help="ensemble members, or auto: stop adding members once the mask settles (at most N)")
+    add_fast_option(parser)
+    parser.add_argument("--ensemble-tolerance", type=float, default=None, metavar="FRACTION",
+                        help="auto ensemble: stop when at most this fraction of pixels flipped (default 0.002)")
+    parser.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    parser.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
+    parser.add_argument("--seed", type=int, default=0)
+    add_copy_move_option(parser)
+    add_follow_decision_option(parser)
 
 
 FAST_ENSEMBLE = 3  # members of the fast mode (benchmarks/RESULTS.md, "Distillation")

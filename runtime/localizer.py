@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -170,6 +171,7 @@ class Localizer:
         self.copy_move = bundle.copy_move_cue if copy_move else None
         self.detector = bundle.detector
         self.follow_decision = follow_decision
+        self._cues: ThreadPoolExecutor | None = None
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
@@ -201,6 +203,9 @@ class Localizer:
     def close(self) -> None:
         """Free the backend's device resources (TensorRT contexts, CUDA streams and graphs) if this Localizer opened
         it; a backend shared with other Localizers is left to its owner. Idempotent."""
+        if self._cues is not None:
+            self._cues.shutdown(wait=True)
+            self._cues = None
         if self._owns_backend:
             self._backend.close()
 
@@ -224,19 +229,25 @@ class Localizer:
         decoded = [im if isinstance(im, DecodedImage) else load_image(im, size) for im in images]
         t1 = time.perf_counter()
         x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
+        # The cue starts first, in its own thread (OpenCV and onnxruntime release the GIL): its time hides behind
+        # the graphs' instead of adding to it.
+        cues = [self._cue_pool().submit(copy_move_probability, d.rgb, self.copy_move, size) for d in decoded] \
+            if self.copy_move is not None else None
         t2 = time.perf_counter()
         prob, unc, stage, members, spread, pooled = self._infer(x, seeds)
         t3 = time.perf_counter()
-        results, cue_seconds, decision_seconds = [], [], []
+        results, cue_seconds, decision_seconds, waited = [], [], [], 0.0
         for i, d in enumerate(decoded):
-            p, cue = prob[i], None
+            p, cue, wait = prob[i], None, 0.0
             s0 = time.perf_counter()
             evidence = {**map_evidence(p), **spread_evidence(spread[i], p), **encoder_evidence(pooled[i]),
                         **CUE_SILENT}  # without the cue: a cue that found nothing
-            if self.copy_move is not None:  # outside the engine lock: callers' threads overlap it with inference
-                cue, finding, seconds = copy_move_probability(d.rgb, self.copy_move, size)
-                cue_seconds.append(seconds)
-                s0 += seconds  # the cue's own time is reported apart
+            if cues is not None:
+                w0 = time.perf_counter()
+                cue, finding, seconds = cues[i].result()
+                wait = time.perf_counter() - w0
+                waited += wait
+                cue_seconds.append(seconds)  # its own time, reported apart (most of it ran beside the graphs)
                 evidence.update(finding.evidence())
                 p = np.maximum(p, cue)
             if self.detector is not None:
@@ -245,7 +256,7 @@ class Localizer:
             else:  # a bundle without a detector: the map's top pixels, and "some region is marked"
                 score = image_score(p)
                 decision = score >= 0.5
-            decision_seconds.append(time.perf_counter() - s0)
+            decision_seconds.append(time.perf_counter() - s0 - wait)
             results.append(LocalizationResult(p, None if unc is None else unc[i], d.height, d.width, score,
                                               members=members, model_copy_move=cue, decision=decision,
                                               regions_shown=decision or not self.follow_decision, evidence=evidence))
@@ -256,8 +267,14 @@ class Localizer:
                             **{k: v * per_image for k, v in stage.items()},
                             **({"copy_move": cue_seconds[i] * 1000.0} if cue_seconds else {}),
                             "decision": decision_seconds[i] * 1000.0,
-                            "postprocess": (t4 - t3 - sum(cue_seconds) - sum(decision_seconds)) * per_image}
+                            "postprocess": (t4 - t3 - waited - sum(decision_seconds)) * per_image}
         return results
+
+    def _cue_pool(self) -> ThreadPoolExecutor:
+        """One worker thread for the copy-move cue, made on first use and kept (``close`` ends it)."""
+        if self._cues is None:
+            self._cues = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffiml-cue")
+        return self._cues
 
     def _noise_blocks(self, seed: int) -> np.ndarray:
         """(1 or 2, N, 8, h, w): the plain pass's draws, then the flipped pass's (TTA)."""

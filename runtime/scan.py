@@ -61,12 +61,7 @@ class ScanSummary:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from diffiml.runtime.commands import (
-        DEFAULT_BUNDLE,
-        add_copy_move_option,
-        add_fast_option,
-        add_follow_decision_option,
-    )
+    from diffiml.runtime.commands import DEFAULT_BUNDLE, add_localizer_options
 
     p = sub.add_parser("scan", help="localize many images on Ray Data (local or a cluster), resumable, into a table")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -74,16 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "column)")
     p.add_argument("--out", required=True, help="output folder: rows/part-*.parquet, maps/*.png, scan.json")
     p.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--ensemble", default=None, metavar="N|auto[:N]")
-    add_fast_option(p)
-    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
-    p.add_argument("--seed", type=int, default=0)
-    add_copy_move_option(p)
-    add_follow_decision_option(p)
+    add_localizer_options(p)
     p.add_argument("--address", default=None,
                    help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray started for this scan)")
     p.add_argument("--actors", type=int, default=None, help="Localizer actors (default: from the cluster's CPUs/GPUs)")
@@ -103,7 +89,7 @@ def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
     import cv2
 
     from diffiml.runtime.bundle import load_bundle
-    from diffiml.runtime.commands import apply_fast
+    from diffiml.runtime.commands import adaptive_policy, apply_fast
     from diffiml.runtime.localizer import parse_ensemble
 
     apply_fast(args)
@@ -111,7 +97,7 @@ def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or bundle.default_steps
     bundle.plan(steps)
     bundle.graph(bundle.unet_graph(steps), args.precision)
-    n, adaptive = parse_ensemble(args.ensemble, bundle.default_ensemble)
+    n, adaptive = parse_ensemble(args.ensemble, bundle.default_ensemble, adaptive_policy(args))
     if n < 1:
         raise DiffimlError(f"--ensemble must be >= 1, got {n}")
     return {"bundle": str(Path(args.bundle).resolve()), "bundle_id": bundle.bundle_id,

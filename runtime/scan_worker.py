@@ -105,7 +105,7 @@ class ScanWorker:
         import cv2
 
         from diffiml.runtime.errors import BundleError
-        from diffiml.runtime.localizer import Localizer
+        from diffiml.runtime.localizer import AdaptiveEnsemble, Localizer
 
         threads = int(settings["threads"])
         # onnxruntime's threads sleep between parallel sections instead of spinning: beside Ray's own processes
@@ -121,7 +121,9 @@ class ScanWorker:
                                         ensemble=settings["ensemble_spec"], tta=settings["tta"],
                                         seed=settings["seed"], uncertainty=settings["uncertainty"], threads=threads,
                                         precision=settings["precision"], copy_move=settings["copy_move_cue"],
-                                        follow_decision=settings.get("follow_decision", False))
+                                        follow_decision=settings.get("follow_decision", False),
+                                        adaptive=None if settings.get("adaptive") is None else
+                                        AdaptiveEnsemble(tolerance=float(settings["adaptive"])))
         if self.localizer.bundle.sha256s != settings["bundle_sha256s"]:
             raise BundleError(f"{settings['bundle']}: this node's bundle differs from the driver's")
         self._fixed = {"backend": self.localizer.backend, "bundle_sha256s": json.dumps(settings["bundle_sha256s"]),

@@ -239,3 +239,17 @@ def test_copy_signal_scores_every_feature_set_for_both_kinds_of_copy(tiny_run):
     assert all(0 <= r["top1_auc"] <= 1 and 0 <= r["mutual_auc"] <= 1 and r["images"] == 2 for r in rows)
     with pytest.raises(ValueError, match="--block"):
         copy_signal(str(tiny_run), images, block=40, size=64)
+
+
+def test_cue_share_times_both_ways_and_the_cue_runs_beside_the_graphs(tiny_bundle, tmp_path):
+    import cv2
+    import numpy as np
+
+    from diffiml.benchmarks.cue_share import bench_cue_share
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    row = bench_cue_share(str(tiny_bundle), paths, rounds=1)
+    assert row["images"] == 2 and row["with_cue_ms"] > 0 and row["without_cue_ms"] > 0 and row["cue_own_ms"] >= 0

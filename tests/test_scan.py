@@ -505,3 +505,22 @@ def test_changed_bytes_are_computed_again_and_the_same_bytes_skipped(tmp_path):
     path.write_bytes(b"other")
     again = _read_one(os.fsencode(path), first["sha256"])
     assert not again["skip"] and again["data"] == b"other"
+
+
+def test_scan_takes_localizes_options_the_ensemble_tolerance_included(tiny_bundle):
+    import argparse
+
+    from diffiml.runtime.scan import scan_settings
+
+    base = dict(bundle=str(tiny_bundle), steps=None, precision="fp32", backend="ort-cpu", tta=False, seed=0,
+                uncertainty=False, copy_move=True, follow_decision=False)
+    settings = scan_settings(argparse.Namespace(**base, ensemble="auto", ensemble_tolerance=0.01))
+    assert settings["adaptive"] == 0.01
+    parser = argparse.ArgumentParser()
+    main_sub = parser.add_subparsers()
+    from diffiml.runtime.scan import add_parser
+
+    add_parser(main_sub)
+    args = parser.parse_args(["scan", "x", "--out", "o", "--ensemble", "auto", "--ensemble-tolerance", "0.05",
+                              "--fast"])
+    assert args.ensemble_tolerance == 0.05 and args.fast
