@@ -103,6 +103,11 @@ def render_report(out_dir: str | Path, settings: dict[str, Any], rows: list[dict
     maps = [_maps(out_dir, r["outputs"]) for r in done]
     thumbs = _make_thumbs(out_dir, [(m.get("overlay"), m.get("uncertainty")) for m in maps])
     views = _make_views(out_dir, done, maps)
+    shown = _relative_paths(out_dir)
+    done = [dict(r, path=shown(r.get("path"))) for r in done]
+    failed = [dict(r, path=shown(r.get("path")),
+                   error=str(r["error"]).replace(str(r.get("path")), str(shown(r.get("path"))))) for r in failed]
+    settings = {k: shown(v) if k == "bundle" else v for k, v in settings.items()}
     page_rows = [_page_row(i + 1, r, m, t, v)
                  for i, (r, m, t, v) in enumerate(zip(done, maps, thumbs, views, strict=True))]
     title = title or f"diffiml report: {out_dir.resolve().name}"
@@ -114,6 +119,18 @@ def render_report(out_dir: str | Path, settings: dict[str, Any], rows: list[dict
     path = out_dir / REPORT_NAME
     write_text_atomic(path, page)
     return path
+
+
+def _relative_paths(out_dir: Path):  # noqa: ANN202 - (str | None) -> str
+    """Local absolute paths as seen from the report's folder (``../photos/a.png``): a shared report names no
+    machine's folders, and the links still work where the folders keep their places. URIs stay as they are."""
+    base = os.path.abspath(out_dir)
+
+    def shown(path: Any) -> Any:
+        if not isinstance(path, str) or "://" in path or not os.path.isabs(path):
+            return path
+        return os.path.relpath(path, base)
+    return shown
 
 
 def _rank_key(row: dict[str, Any]) -> tuple[float, str]:

@@ -25,6 +25,11 @@ BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 DATA_RE = re.compile(r'<script type="application/json" id="report-data">(.*?)</script>', re.S)
 
 
+
+def _as_shown(path: str, folder: Path) -> str:
+    """How the report shows an input: a local absolute path relative to the report's folder."""
+    return path if "://" in path or not os.path.isabs(path) else os.path.relpath(path, folder)
+
 def _page_data(html_text: str) -> dict:
     return json.loads(DATA_RE.search(html_text).group(1))
 
@@ -54,7 +59,7 @@ def test_html_in_paths_errors_and_title_cannot_inject(tmp_path):
     assert page.count("<script") == 2 and page.count("</script>") == 2  # ours: the data and the code
     assert "<img" not in page and "<b>bad" not in page and "<u>t" not in page and "<i>b" not in page
     assert "&lt;img src=x onerror=alert(1)&gt; is not an image" in page and "&lt;b&gt;bad.png" in page
-    assert _page_data(page)["rows"][0]["p"] == evil_path  # intact once parsed
+    assert _page_data(page)["rows"][0]["p"] == _as_shown(evil_path, tmp_path)  # intact once parsed
 
 
 def test_links_are_relative_and_never_leave_the_folder(tmp_path):
@@ -94,7 +99,8 @@ def test_rows_are_ranked_by_score_with_settings_and_failures_in_the_header(tmp_p
     rows.append(_row("/p/broken.png", None, None, "/p/broken.png: not an image"))
     page = render_report(tmp_path, {"bundle": "engines/x", "backend": "ort-cpu", "seed": 3}, rows).read_text()
     ranked = _page_data(page)["rows"]
-    assert [r["p"] for r in ranked] == ["/p/1.png", "/p/3.png", "/p/2.png", "/p/0.png"]
+    assert [r["p"] for r in ranked] == [_as_shown(p, tmp_path)
+                                        for p in ["/p/1.png", "/p/3.png", "/p/2.png", "/p/0.png"]]
     assert [r["r"] for r in ranked] == [1, 2, 3, 4]
     assert '<strong id="n-done">4</strong>' in page and '<strong id="n-failed">1</strong>' in page
     assert "/p/broken.png: not an image" in page
@@ -112,7 +118,7 @@ def test_report_command_reads_a_scan_folder(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / REPORT_NAME)
     page = (tmp_path / REPORT_NAME).read_text()
     assert "<title>scan of today</title>" in page and "engines/scan-bundle" in page
-    assert [r["p"] for r in _page_data(page)["rows"]] == ["/p/b.png", "/p/a.png"]
+    assert [r["p"] for r in _page_data(page)["rows"]] == [_as_shown(p, tmp_path) for p in ["/p/b.png", "/p/a.png"]]
 
 
 def test_report_reads_the_scan_table_a_scan_writes(tmp_path):
@@ -126,7 +132,7 @@ def test_report_reads_the_scan_table_a_scan_writes(tmp_path):
     scan_table.write_part(tmp_path, table, "r1", 0)
     (tmp_path / "scan.json").write_text(json.dumps({"bundle": "engines/x", "steps": 8, "runs": [{"run_id": "r1"}]}))
     page = write_report(tmp_path).read_text()
-    assert [r["p"] for r in _page_data(page)["rows"]] == ["/p/b.png", "/p/a.png"]
+    assert [r["p"] for r in _page_data(page)["rows"]] == [_as_shown(p, tmp_path) for p in ["/p/b.png", "/p/a.png"]]
     assert '<strong id="n-failed">1</strong>' in page and "/p/c.png: truncated" in page
 
 
@@ -238,7 +244,8 @@ def _shown_paths(tab) -> list[str]:
 def test_a_localize_report_opens_with_every_image_and_the_failure(localized, page, tmp_path):
     src, out, done = localized
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    expected = [line["path"] for line in sorted(lines, key=lambda r: (-r["score"], r["path"]))]
+    expected = [_as_shown(os.path.abspath(line["path"]), out)
+                for line in sorted(lines, key=lambda r: (-r["score"], r["path"]))]
     page.goto((out / REPORT_NAME).as_uri())
     assert _shown_paths(page) == expected
     assert page.evaluate("document.images.length") == 2 * len(lines)  # overlay + uncertainty thumbnails
@@ -247,7 +254,7 @@ def test_a_localize_report_opens_with_every_image_and_the_failure(localized, pag
         target = Path(unquote(urlparse(href).path))
         assert target.is_file() and target.resolve().is_relative_to(out.resolve()), href
     assert page.inner_text("#n-done") == "3" and page.inner_text("#n-failed") == "1"
-    assert str(src / "broken.png") in page.inner_text("#failures")
+    assert _as_shown(str(src / "broken.png"), out) in page.inner_text("#failures")
     page.screenshot(path=str(tmp_path / "localize_report.png"), full_page=True)
     assert (tmp_path / "localize_report.png").stat().st_size > 0
 
@@ -258,7 +265,7 @@ def test_pages_turn_in_score_order_and_every_image_of_a_page_loads(tmp_path, pag
     rows = [_row(f"/p/img{i:03d}.png", float(s), _overlay(tmp_path, f"img{i:03d}", i)) for i, s in enumerate(scores)]
     rows += [_row("/p/gone.png", None, None, "/p/gone.png: no such file"),
              _row("/p/junk.txt", None, None, "/p/junk.txt: not an image")]
-    expected = [r["path"] for r in sorted(rows[:n], key=lambda r: -r["score"])]
+    expected = [_as_shown(r["path"], tmp_path) for r in sorted(rows[:n], key=lambda r: -r["score"])]
     page.goto(render_report(tmp_path, {"bundle": "engines/x"}, rows).as_uri())
     assert page.inner_text("#n-failed") == "2" and "not an image" in page.inner_text("#failures")
 
@@ -295,7 +302,7 @@ def test_the_filter_shows_manipulated_images_only_and_a_click_opens_the_viewer(t
     assert page.evaluate("document.querySelector('#ranked').compareDocumentPosition("
                          "document.querySelector('details.settings-box')) & Node.DOCUMENT_POSITION_FOLLOWING")
     everything = _shown_paths(page)
-    assert everything == [r["path"] for r in sorted(rows, key=lambda r: -r["score"])]
+    assert everything == [_as_shown(r["path"], tmp_path) for r in sorted(rows, key=lambda r: -r["score"])]
     page.check("#only-manipulated")
     assert _shown_paths(page) == [p for p in everything if int(Path(p).stem[3:]) % 2 == 1]
     assert page.eval_on_selector_all("#rows td.decision", "c => c.map(x => x.textContent)") == ["manipulated"] * 3
@@ -308,3 +315,20 @@ def test_the_filter_shows_manipulated_images_only_and_a_click_opens_the_viewer(t
     page.click("#viewer button.close")
     page.uncheck("#only-manipulated")
     assert _shown_paths(page) == everything
+
+
+def test_the_page_names_no_absolute_path_of_this_machine(tmp_path):
+    """Inputs, failures and the bundle are shown relative to the report's folder (a shared report leaks no folders
+    of the machine that made it); URIs stay as given."""
+    from diffiml.runtime.report import render_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    photo = str(tmp_path / "photos" / "a.png")
+    rows = [{"path": photo, "score": 0.9, "error": None, "outputs": {}},
+            {"path": str(tmp_path / "photos" / "bad.png"), "error": f"{tmp_path}/photos/bad.png: not an image"},
+            {"path": "s3://bucket/c.png", "score": 0.1, "error": None, "outputs": {}}]
+    page = render_report(out, {"bundle": str(tmp_path / "engines" / "b")}, rows).read_text()
+    assert str(tmp_path) not in page
+    assert "../photos/a.png" in page and "../photos/bad.png: not an image" in page and "../engines/b" in page
+    assert "s3://bucket/c.png" in page
