@@ -34,9 +34,3 @@ def bench_cue_share(bundle: str, images: list[Path], rounds: int = 3, steps: int
             "without_cue_ms": round(without_ms, 1), "cue_adds_ms": round(with_ms - without_ms, 1),
             "cue_share_pct": round(100 * (with_ms - without_ms) / with_ms, 1),
             "cue_own_ms": round(statistics.median(own), 1)}
-
-
-def to_markdown(row: dict[str, Any], note: str) -> str:
-    keys = list(row)
-    return ("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(str(row[k]) for k in keys)
-            + " |\n\n" + note + "\n")

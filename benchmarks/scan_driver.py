@@ -95,8 +95,6 @@ def bench_scan_driver(root: Path, n: int) -> dict[str, Any]:
     return {"rows": n, **row, "compact_s": round(compact_s, 2), "setup_s": round(made, 1)}
 
 
-def to_markdown(row: dict[str, Any], note: str) -> str:
-    keys = ("rows", "skipped", "to_compute", "list_s", "done_index_s", "plan_work_s", "skip_pass_s", "peak_rss_mib",
-            "compact_s")
-    return ("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " +
-            " | ".join(str(row[k]) for k in keys) + " |\n\n" + note + "\n")
+# The columns its report shows, in order.
+SHOWN = ("rows", "skipped", "to_compute", "list_s", "done_index_s", "plan_work_s", "skip_pass_s", "peak_rss_mib",
+         "compact_s")

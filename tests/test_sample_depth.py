@@ -40,3 +40,8 @@ def test_the_sbit_chunk_wins_over_the_data_range():
 def test_full_sixteen_bit_data_keeps_its_top_byte():
     full = np.full((16, 16, 3), 60000)
     assert load_image(_png16(full)).rgb.max() == 60000 >> 8
+
+
+def test_an_opaque_alpha_channel_does_not_hide_the_colour_depth():
+    rgba = np.dstack([np.full((16, 16, 3), 4095), np.full((16, 16), 65535)])  # 12-bit colour, 16-bit opaque alpha
+    assert load_image(_png16(rgba)).rgb.max() == 255

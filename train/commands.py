@@ -46,15 +46,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="IMDLBenCo JSON list or Tp/Gt folder: only the images are read")
     p.add_argument("--out", required=True, help="run folder; round k's student goes to OUT/steps-k/checkpoint")
     p.add_argument("--to", type=int, default=2, help="the final student's step count (default 2)")
-    p.add_argument("--steps", type=int, default=300, help="training steps per round")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=25)
-    p.add_argument("--snapshot-every", type=int, default=None,
-                   help="also keep weights-only copies OUT/steps-k/snapshots/step-NNNNNN (for `bench curve`)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue a killed run; finished rounds are kept")
+    _add_run_options(p, steps=300, lr=5e-5, checkpoint_every=25, where="OUT/steps-k/",
+                     resume="continue a killed run; finished rounds are kept")
     p.set_defaults(handler=distill)
 
     for name, fn in (("train", train), ("train-vae", train_vae)):
@@ -62,15 +55,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", default="small", help="a named config (tiny, small, paper)")
         p.add_argument("--data", required=True, help="IMDLBenCo JSON list or Tp/Gt folder")
         p.add_argument("--out", required=True, help="run folder; checkpoints go to OUT/checkpoint")
-        p.add_argument("--steps", type=int, default=1000)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--lr", type=float, default=1e-4)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--checkpoint-every", type=int, default=200)
-        p.add_argument("--snapshot-every", type=int, default=None,
-                       help="also keep weights-only copies OUT/snapshots/step-NNNNNN every this many steps")
-        p.add_argument("--workers", type=int, default=0)
-        p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+        _add_run_options(p, steps=1000, lr=1e-4, checkpoint_every=200, where="OUT/",
+                         resume="continue the run in --out where it stopped")
         p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this step")
         p.add_argument("--image-size", type=int, default=None, help="override the config's input size")
         p.add_argument("--no-self-correlation", action="store_true",
@@ -90,6 +76,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument("--teacher", default=None, help="local sd-vae-ft-mse folder (diffusers AutoencoderKL)")
         p.set_defaults(handler=fn)
+
+
+def _add_run_options(p: argparse.ArgumentParser, steps: int, lr: float, checkpoint_every: int, where: str,
+                     resume: str) -> None:
+    """The trainer's options (``_options`` reads them), the same for train, train-vae and distill."""
+    p.add_argument("--steps", type=int, default=steps, help="training steps (per round, for distill)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help=f"also keep weights-only copies {where}snapshots/step-NNNNNN every this many steps")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help=resume)
 
 
 def info(args: argparse.Namespace) -> int:
