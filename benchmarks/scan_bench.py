@@ -119,9 +119,9 @@ def time_scan(images: list[Path], out: Path, settings: dict[str, Any], actors: i
     """``diffiml scan`` on the Ray this process is connected to, into a fresh ``out``; stamps from the table."""
     import ray
 
-    from diffiml.runtime.scan import run_scan
-    from diffiml.runtime.scan_cluster import choose_layout
-    from diffiml.runtime.scan_table import read_all_rows
+    from diffiml.runtime.scan.cluster import choose_layout
+    from diffiml.runtime.scan.driver import run_scan
+    from diffiml.runtime.scan.table import read_all_rows
 
     layout = choose_layout(ray.cluster_resources(), "ort-cpu", actors=actors, threads=threads, inputs=len(images))
     first: dict[str, Any] = {}
@@ -156,7 +156,7 @@ def bench_scan(bundle: str, images: list[Path], out: Path, actor_counts: list[in
     import ray
 
     from diffiml.runtime.bundle import load_bundle
-    from diffiml.runtime.scan_cluster import connect
+    from diffiml.runtime.scan.cluster import connect
 
     b = load_bundle(bundle)
     settings = {"bundle": str(Path(bundle).resolve()), "bundle_sha256s": b.sha256s, "backend": "ort-cpu",
@@ -169,7 +169,7 @@ def bench_scan(bundle: str, images: list[Path], out: Path, actor_counts: list[in
         row = time_localize(bundle, images, out / f"localize_{r}", settings, cores)
         runs.setdefault(row["mode"], []).append({**row, "load_avg_1min": round(os.getloadavg()[0], 2)})
         # The same loop with onnxruntime's threads sleeping between parallel sections, as scan's actors run them
-        # (runtime/scan_worker.py): Ray's own cost, apart from that setting.
+        # (runtime/scan/worker.py): Ray's own cost, apart from that setting.
         previous = os.environ.get("DIFFIML_ORT_SPINNING")
         os.environ["DIFFIML_ORT_SPINNING"] = "0"
         try:

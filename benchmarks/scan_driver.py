@@ -40,8 +40,8 @@ def make_table(root: Path, listing: Path) -> tuple[Path, float]:
     Returns the folder and the compaction's seconds."""
     import pyarrow as pa
 
-    from diffiml.runtime.scan_inputs import input_key
-    from diffiml.runtime.scan_table import FLUSH_ROWS, SCHEMA, compact, write_part
+    from diffiml.runtime.scan.inputs import input_key
+    from diffiml.runtime.scan.table import FLUSH_ROWS, SCHEMA, compact, write_part
 
     out = root / "scan"
     if out.exists():
@@ -67,9 +67,9 @@ def make_table(root: Path, listing: Path) -> tuple[Path, float]:
 _SKIP_PASS = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from diffiml.runtime.scan import plan_work
-from diffiml.runtime.scan_inputs import list_inputs
-from diffiml.runtime.scan_table import done_index
+from diffiml.runtime.scan.driver import plan_work
+from diffiml.runtime.scan.inputs import list_inputs
+from diffiml.runtime.scan.table import done_index
 t1 = time.perf_counter()
 inputs = list_inputs([sys.argv[1]])
 t2 = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from diffiml.benchmarks.serve_process import ServerProcess
-from diffiml.runtime.triton_client import ServerError, TritonLocalizer
+from diffiml.runtime.serving.client import ServerError, TritonLocalizer
 
 
 def bad_inputs(png: bytes) -> dict[str, bytes]:

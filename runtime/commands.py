@@ -5,7 +5,6 @@ input failed, 2 if nothing could run (bad bundle, bad arguments)."""
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
@@ -14,10 +13,16 @@ import time
 from pathlib import Path
 
 from diffiml.runtime.errors import DiffimlError
+from diffiml.runtime.options import (
+    DEFAULT_BUNDLE,
+    adaptive_policy,
+    add_localizer_options,
+    apply_fast,
+    expand_inputs,
+    output_folder,
+)
 
 log = logging.getLogger(__name__)
-DEFAULT_BUNDLE = "engines/default"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".jp2", ".pgm", ".ppm"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("serve", help="serve a bundle with NVIDIA Triton Inference Server (PyTriton)")
     s.add_argument("--bundle", default=DEFAULT_BUNDLE, help=f"engine bundle folder (default {DEFAULT_BUNDLE})")
-    s.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
-    s.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"])
+    add_localizer_options(s, served=True)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000,
                    help="HTTP port; gRPC is PORT+1, Triton's metrics PORT+2, diffiml's row/failure counts PORT+3")
@@ -56,76 +60,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queue-timeout", type=float, default=60.0,
                    help="seconds a request may wait in Triton's queue before it is rejected")
     s.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this are rejected at once")
-    add_copy_move_option(s, "it costs 0.2-1 s of CPU per image, one image after another")
-    add_follow_decision_option(s)
     s.set_defaults(handler=serve)
 
-    from diffiml.runtime.scan import add_parser as add_scan_parser  # Ray itself is imported only when scan runs
+    from diffiml.runtime.scan.driver import add_parser as add_scan_parser  # Ray is imported only when scan runs
 
     add_scan_parser(sub)
 
 
-def add_localizer_options(parser: argparse.ArgumentParser) -> None:
-    """The options of how a bundle runs, the same for every command that localizes here (localize, scan)."""
-    parser.add_argument("--backend", default="auto", choices=["auto", "ort-cpu", "ort-cuda", "tensorrt"])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
-                        help="which of the bundle's graphs to run (int8: CPU; fp16: CUDA)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--ensemble", default=None, metavar="N|auto[:N]",
-                        help="ensemble members, or auto: stop adding members once the mask settles (at most N)")
-    add_fast_option(parser)
-    parser.add_argument("--ensemble-tolerance", type=float, default=None, metavar="FRACTION",
-                        help="auto ensemble: stop when at most this fraction of pixels flipped (default 0.002)")
-    parser.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    parser.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
-    parser.add_argument("--seed", type=int, default=0)
-    add_copy_move_option(parser)
-    add_follow_decision_option(parser)
-
-
-FAST_ENSEMBLE = 3  # members of the fast mode (benchmarks/RESULTS.md, "Distillation")
-
-
-def add_fast_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fast", action="store_true",
-                        help=f"the bundle's distilled student at its step count, {FAST_ENSEMBLE} members (unless "
-                             "--ensemble says otherwise); refused for a bundle without a student")
-
-
-def apply_fast(args: argparse.Namespace) -> None:
-    """``--fast`` -> ``args.steps`` and ``args.ensemble`` of the bundle's fast mode; a one-line error when the bundle
-    has no distilled student, or when ``--steps`` asks for another count."""
-    if not getattr(args, "fast", False):
-        return
-    from diffiml.runtime.bundle import load_bundle
-
-    bundle = load_bundle(args.bundle, verify=False)  # the manifest only; the localizer verifies the graphs
-    if bundle.fast_steps is None:
-        raise DiffimlError(f"{args.bundle}: --fast needs a distilled UNet in the bundle (diffiml distill, then "
-                           "export --student); this bundle has none")
-    if args.steps not in (None, bundle.fast_steps):
-        raise DiffimlError(f"--fast runs the student's {bundle.fast_steps} steps; drop --steps {args.steps}")
-    args.steps = bundle.fast_steps
-    args.ensemble = args.ensemble if args.ensemble is not None else FAST_ENSEMBLE
-
-
-def add_follow_decision_option(parser: argparse.ArgumentParser) -> None:
-    """``--follow-decision`` (into ``args.follow_decision``), the same for every command that writes masks."""
-    parser.add_argument("--follow-decision", action="store_true",
-                        help="empty the mask and overlay of images the bundle's detector judges authentic (the "
-                             "probability map is written either way); off by default: on real forgeries it costs "
-                             "localization F1 (benchmarks/RESULTS.md)")
-
-
-def add_copy_move_option(parser: argparse.ArgumentParser, why: str = "the score-based model's map alone") -> None:
-    """``--no-copy-move`` (into ``args.copy_move``), the same for every command that opens a bundle."""
-    parser.add_argument("--no-copy-move", dest="copy_move", action="store_false",
-                        help=f"leave out the bundle's classical copy-move cue ({why})")
-
-
 def serve(args: argparse.Namespace) -> int:
-    from diffiml.runtime.serving import ServeOptions
-    from diffiml.runtime.serving import serve as run_server
+    from diffiml.runtime.serving.server import ServeOptions
+    from diffiml.runtime.serving.server import serve as run_server
 
     if args.max_batch < 1 or args.instances < 1 or not 0 < args.port < 65533:
         raise DiffimlError("--max-batch and --instances must be >= 1, --port in 1..65532")
@@ -141,37 +85,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from diffiml.runtime.report import write_report
+    from diffiml.runtime.report.writer import write_report
 
     print(write_report(Path(args.dir), title=args.title))
     return 0
-
-
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files as given (even if not images: they fail later with a clear line), folders' images, glob matches."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        p = Path(pattern)
-        if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-        elif any(c in pattern for c in "*?["):
-            paths += sorted(Path(q) for q in glob.glob(pattern, recursive=True) if Path(q).is_file())
-        else:
-            paths.append(p)
-    return paths
-
-
-def adaptive_policy(args: argparse.Namespace):  # -> AdaptiveEnsemble | None (imported lazily)
-    """``--ensemble-tolerance`` as an AdaptiveEnsemble; None leaves the default policy to ``--ensemble auto``."""
-    if getattr(args, "ensemble_tolerance", None) is None:
-        return None
-    from diffiml.runtime.localizer import AdaptiveEnsemble
-
-    if not 0 <= args.ensemble_tolerance <= 1:
-        raise DiffimlError("--ensemble-tolerance must be in [0, 1]")
-    if not str(args.ensemble or "").lower().startswith("auto"):
-        raise DiffimlError("--ensemble-tolerance applies to an adaptive ensemble: add --ensemble auto (or auto:N)")
-    return AdaptiveEnsemble(tolerance=args.ensemble_tolerance)
 
 
 def _print_record(path: Path, result, backend: str, t0: float, files: dict[str, str],  # noqa: ANN001
@@ -191,18 +108,6 @@ def _print_record(path: Path, result, backend: str, t0: float, files: dict[str, 
         record["f1"] = round(pixel_f1(result.mask, load_image(truth).rgb[..., 0] >= 128), 4)
     print(json.dumps(record), flush=True)
     return record
-
-
-def _output_folder(name: str) -> Path:
-    """An unusable --out is one line before any work, not one failure per image."""
-    out = Path(name)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DiffimlError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK):
-        raise DiffimlError(f"{out}: the output folder is not writable")
-    return out
 
 
 def localize(args: argparse.Namespace) -> int:
@@ -232,7 +137,7 @@ def localize(args: argparse.Namespace) -> int:
                                    tta=args.tta, seed=args.seed, uncertainty=args.uncertainty,
                                    adaptive=adaptive_policy(args), precision=args.precision,
                                    copy_move=args.copy_move, follow_decision=args.follow_decision)
-    out = _output_folder(args.out)
+    out = output_folder(args.out)
 
     def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label, bundle id)
         decoded = load_image(path, localizer.bundle.image_size)
@@ -286,7 +191,7 @@ def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa
         record = _print_record(path, result, backend, t0, files, truth if len(paths) == 1 else None, bundle_id)
         records.append({**record, "width": result.width, "height": result.height})
     if report is not None:
-        from diffiml.runtime.report import write_localize_run
+        from diffiml.runtime.report.writer import write_localize_run
 
         print(f"diffiml localize: report: {write_localize_run(out, report, records)}", file=sys.stderr)
     if failures:
@@ -297,7 +202,7 @@ def _localize_each(paths: list[Path], one, out: Path, truth: str | None,  # noqa
 def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
     """``localize --server``: the same files and JSON lines as a local run, computed by a ``diffiml serve``."""
     from diffiml.runtime.image_io import load_image, read_image_file
-    from diffiml.runtime.triton_client import TritonLocalizer
+    from diffiml.runtime.serving.client import TritonLocalizer
 
     if args.ensemble is not None and not str(args.ensemble).isdigit():
         raise DiffimlError("--server takes a fixed --ensemble N (the adaptive ensemble runs locally)")
@@ -306,7 +211,7 @@ def _localize_on_server(args: argparse.Namespace, paths: list[Path]) -> int:
                              uncertainty=args.uncertainty)
     if not client.is_ready():
         raise DiffimlError(f"{args.server}: no ready diffiml model there (is `diffiml serve` running?)")
-    out = _output_folder(args.out)
+    out = output_folder(args.out)
 
     def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label, bundle id)
         answer = client.localize_bytes(read_image_file(path))

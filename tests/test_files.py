@@ -48,7 +48,7 @@ def test_a_scan_table_part_cut_short_is_skipped_not_fatal(tmp_path):
     """A zero-length part (a crash before parts were fsynced) must not stop every later rerun and report: it is
     skipped, and its inputs, absent from the done index, are scanned again."""
     pa = pytest.importorskip("pyarrow")
-    from diffiml.runtime.scan_table import COLUMNS, SCHEMA, done_index, part_files, write_part
+    from diffiml.runtime.scan.table import COLUMNS, SCHEMA, done_index, part_files, write_part
 
     row = {name: None for name in COLUMNS} | {"path": "/a.png", "sha256": "ab", "error_kind": None}
     write_part(tmp_path, pa.Table.from_pylist([row], schema=SCHEMA), "run1", 0)

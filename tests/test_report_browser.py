@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from diffiml.cli import main
-from diffiml.runtime.report import PAGE_SIZE, REPORT_NAME, render_report, write_report
+from diffiml.runtime.report.writer import PAGE_SIZE, REPORT_NAME, ROWS_DIR, render_report, write_report
 
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -32,6 +32,25 @@ def _as_shown(path: str, folder: Path) -> str:
 
 def _page_data(html_text: str) -> dict:
     return json.loads(DATA_RE.search(html_text).group(1))
+
+
+ROW_FILE_RE = re.compile(r'^diffimlRows\("(\w+)",(\d+),(.*)\);\n$', re.S)
+
+
+def _series(out: Path, name: str = "ranked") -> list[dict]:
+    """The rows of one series as the page's script receives them, from its row files in order."""
+    rows = []
+    for i, path in enumerate(sorted((out / ROWS_DIR).glob(f"{name}-*.js"))):
+        series, k, data = ROW_FILE_RE.match(path.read_text()).groups()
+        assert (series, int(k)) == (name, i)
+        rows += json.loads(data)
+    return rows
+
+
+def _goto(tab, url: str, series: str = "ranked") -> None:
+    """Open the page and wait until its first screen of rows is drawn (rows load from their files)."""
+    tab.goto(url)
+    tab.wait_for_function(f"document.body.dataset.series === '{series}'")
 
 
 def _overlay(out: Path, stem: str, value: int, shape: tuple[int, int] = (12, 20)) -> dict[str, str]:
@@ -59,7 +78,8 @@ def test_html_in_paths_errors_and_title_cannot_inject(tmp_path):
     assert page.count("<script") == 2 and page.count("</script>") == 2  # ours: the data and the code
     assert "<img" not in page and "<b>bad" not in page and "<u>t" not in page and "<i>b" not in page
     assert "&lt;img src=x onerror=alert(1)&gt; is not an image" in page and "&lt;b&gt;bad.png" in page
-    assert _page_data(page)["rows"][0]["p"] == _as_shown(evil_path, tmp_path)  # intact once parsed
+    assert _series(tmp_path)[0]["p"] == _as_shown(evil_path, tmp_path)  # intact once parsed
+    assert "</script" not in (tmp_path / ROWS_DIR / "ranked-00000.js").read_text()
 
 
 def test_links_are_relative_and_never_leave_the_folder(tmp_path):
@@ -68,8 +88,8 @@ def test_links_are_relative_and_never_leave_the_folder(tmp_path):
     (tmp_path / "outside_mask.png").write_bytes(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes())
     outputs = {**_overlay(out, "a b#1", 3), "mask": "../outside_mask.png", "prob": str(tmp_path / "outside_mask.png")}
     absolute = {"overlay": str(out / _overlay(out, "c", 9)["overlay"])}
-    page = render_report(out, {}, [_row("/p/a b#1.png", 0.9, outputs), _row("/p/c.png", 0.1, absolute)]).read_text()
-    rows = _page_data(page)["rows"]
+    render_report(out, {}, [_row("/p/a b#1.png", 0.9, outputs), _row("/p/c.png", 0.1, absolute)])
+    rows = _series(out)
     links = [href for r in rows for href in (r["t"], r["u"], *(h for _, h in r["l"])) if href]
     assert [kind for kind, _ in rows[0]["l"]] == ["overlay", "uncertainty"]  # mask, prob lie outside: no link
     assert rows[1]["l"] == [["overlay", "c_overlay.png"]] and rows[1]["t"] == "thumbs/c_overlay.jpg"
@@ -98,7 +118,7 @@ def test_rows_are_ranked_by_score_with_settings_and_failures_in_the_header(tmp_p
     rows = [_row(f"/p/{i}.png", s, _overlay(tmp_path, str(i), i)) for i, s in enumerate(scores)]
     rows.append(_row("/p/broken.png", None, None, "/p/broken.png: not an image"))
     page = render_report(tmp_path, {"bundle": "engines/x", "backend": "ort-cpu", "seed": 3}, rows).read_text()
-    ranked = _page_data(page)["rows"]
+    ranked = _series(tmp_path)
     assert [r["p"] for r in ranked] == [_as_shown(p, tmp_path)
                                         for p in ["/p/1.png", "/p/3.png", "/p/2.png", "/p/0.png"]]
     assert [r["r"] for r in ranked] == [1, 2, 3, 4]
@@ -110,19 +130,19 @@ def test_rows_are_ranked_by_score_with_settings_and_failures_in_the_header(tmp_p
 
 def test_report_command_reads_a_scan_folder(tmp_path, monkeypatch, capsys):
     rows = [_row("/p/a.png", 0.3, _overlay(tmp_path, "a", 1)), _row("/p/b.png", 0.8, _overlay(tmp_path, "b", 2))]
-    fake = types.ModuleType("diffiml.runtime.scan_table")
-    fake.read_scan_table = lambda out_dir: rows if Path(out_dir) == tmp_path else []
-    monkeypatch.setitem(sys.modules, "diffiml.runtime.scan_table", fake)
+    fake = types.ModuleType("diffiml.runtime.scan.table")
+    fake.newest_rows = lambda out_dir: rows if Path(out_dir) == tmp_path else []
+    monkeypatch.setitem(sys.modules, "diffiml.runtime.scan.table", fake)
     (tmp_path / "scan.json").write_text(json.dumps({"bundle": "engines/scan-bundle", "ensemble": 5}))
     assert main(["report", str(tmp_path), "--title", "scan of today"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / REPORT_NAME)
     page = (tmp_path / REPORT_NAME).read_text()
     assert "<title>scan of today</title>" in page and "engines/scan-bundle" in page
-    assert [r["p"] for r in _page_data(page)["rows"]] == [_as_shown(p, tmp_path) for p in ["/p/b.png", "/p/a.png"]]
+    assert [r["p"] for r in _series(tmp_path)] == [_as_shown(p, tmp_path) for p in ["/p/b.png", "/p/a.png"]]
 
 
 def test_report_reads_the_scan_table_a_scan_writes(tmp_path):
-    scan_table = pytest.importorskip("diffiml.runtime.scan_table", reason="diffiml scan's table module is absent")
+    scan_table = pytest.importorskip("diffiml.runtime.scan.table", reason="diffiml scan's table module is absent")
     import pyarrow as pa
 
     rows = [_row("/p/a.png", 0.3, _overlay(tmp_path, "a", 1)), _row("/p/b.png", 0.8, _overlay(tmp_path, "b", 2)),
@@ -132,7 +152,7 @@ def test_report_reads_the_scan_table_a_scan_writes(tmp_path):
     scan_table.write_part(tmp_path, table, "r1", 0)
     (tmp_path / "scan.json").write_text(json.dumps({"bundle": "engines/x", "steps": 8, "runs": [{"run_id": "r1"}]}))
     page = write_report(tmp_path).read_text()
-    assert [r["p"] for r in _page_data(page)["rows"]] == [_as_shown(p, tmp_path) for p in ["/p/b.png", "/p/a.png"]]
+    assert [r["p"] for r in _series(tmp_path)] == [_as_shown(p, tmp_path) for p in ["/p/b.png", "/p/a.png"]]
     assert '<strong id="n-failed">1</strong>' in page and "/p/c.png: truncated" in page
 
 
@@ -246,7 +266,7 @@ def test_a_localize_report_opens_with_every_image_and_the_failure(localized, pag
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     expected = [_as_shown(os.path.abspath(line["path"]), out)
                 for line in sorted(lines, key=lambda r: (-r["score"], r["path"]))]
-    page.goto((out / REPORT_NAME).as_uri())
+    _goto(page, (out / REPORT_NAME).as_uri())
     assert _shown_paths(page) == expected
     assert page.evaluate("document.images.length") == 2 * len(lines)  # overlay + uncertainty thumbnails
     assert _broken_images_after_scrolling(page) == []
@@ -266,7 +286,7 @@ def test_pages_turn_in_score_order_and_every_image_of_a_page_loads(tmp_path, pag
     rows += [_row("/p/gone.png", None, None, "/p/gone.png: no such file"),
              _row("/p/junk.txt", None, None, "/p/junk.txt: not an image")]
     expected = [_as_shown(r["path"], tmp_path) for r in sorted(rows[:n], key=lambda r: -r["score"])]
-    page.goto(render_report(tmp_path, {"bundle": "engines/x"}, rows).as_uri())
+    _goto(page, render_report(tmp_path, {"bundle": "engines/x"}, rows).as_uri())
     assert page.inner_text("#n-failed") == "2" and "not an image" in page.inner_text("#failures")
 
     for number, first in ((1, 0), (2, PAGE_SIZE), (3, 2 * PAGE_SIZE)):
@@ -296,7 +316,7 @@ def test_the_filter_shows_manipulated_images_only_and_a_click_opens_the_viewer(t
         cv2.imwrite(str(tmp_path / f"{stem}_prob.png"), np.full((24, 40), 9000 * i, np.uint16))
         outputs["prob"] = f"{stem}_prob.png"
         rows.append({**_row(str(tmp_path / f"{stem}.png"), i / 10, outputs), "decision": i % 2 == 1})
-    page.goto(render_report(tmp_path, {"bundle": "engines/x"}, rows).as_uri())
+    _goto(page, render_report(tmp_path, {"bundle": "engines/x"}, rows).as_uri())
     assert page.inner_text("#n-manipulated") == "3"
     assert page.evaluate("document.querySelector('details.settings-box').open") is False
     assert page.evaluate("document.querySelector('#ranked').compareDocumentPosition("
@@ -304,6 +324,7 @@ def test_the_filter_shows_manipulated_images_only_and_a_click_opens_the_viewer(t
     everything = _shown_paths(page)
     assert everything == [_as_shown(r["path"], tmp_path) for r in sorted(rows, key=lambda r: -r["score"])]
     page.check("#only-manipulated")
+    page.wait_for_function("document.body.dataset.series === 'manipulated'")
     assert _shown_paths(page) == [p for p in everything if int(Path(p).stem[3:]) % 2 == 1]
     assert page.eval_on_selector_all("#rows td.decision", "c => c.map(x => x.textContent)") == ["manipulated"] * 3
     page.locator("#rows tr.row .path").first.click()
@@ -314,13 +335,14 @@ def test_the_filter_shows_manipulated_images_only_and_a_click_opens_the_viewer(t
     assert "manipulated" in page.inner_text("#viewer .title")
     page.click("#viewer button.close")
     page.uncheck("#only-manipulated")
+    page.wait_for_function("document.body.dataset.series === 'ranked'")
     assert _shown_paths(page) == everything
 
 
 def test_the_page_names_no_absolute_path_of_this_machine(tmp_path):
     """Inputs, failures and the bundle are shown relative to the report's folder (a shared report leaks no folders
     of the machine that made it); URIs stay as given."""
-    from diffiml.runtime.report import render_report
+    from diffiml.runtime.report.writer import render_report
 
     out = tmp_path / "run"
     out.mkdir()
@@ -329,6 +351,49 @@ def test_the_page_names_no_absolute_path_of_this_machine(tmp_path):
             {"path": str(tmp_path / "photos" / "bad.png"), "error": f"{tmp_path}/photos/bad.png: not an image"},
             {"path": "s3://bucket/c.png", "score": 0.1, "error": None, "outputs": {}}]
     page = render_report(out, {"bundle": str(tmp_path / "engines" / "b")}, rows).read_text()
+    page += "".join(f.read_text() for f in sorted((out / ROWS_DIR).glob("*.js")))  # and every row file
     assert str(tmp_path) not in page
     assert "../photos/a.png" in page and "../photos/bad.png: not an image" in page and "../engines/b" in page
     assert "s3://bucket/c.png" in page
+
+
+def test_failures_are_paged_and_the_first_screen_is_in_the_page(tmp_path, page):
+    n = PAGE_SIZE + 20
+    rows = [_row("/p/ok.png", 0.5, _overlay(tmp_path, "ok", 1))]
+    rows += [_row(f"/p/bad{i:03d}.png", None, None, f"/p/bad{i:03d}.png: not an image") for i in range(n)]
+    html_text = render_report(tmp_path, {}, rows).read_text()
+    assert "bad000.png" in html_text and f"bad{PAGE_SIZE:03d}.png" not in html_text  # one screen inline
+    assert [r["p"] for r in _series(tmp_path, "failed")] == [_as_shown(f"/p/bad{i:03d}.png", tmp_path)
+                                                             for i in range(n)]
+    _goto(page, (tmp_path / REPORT_NAME).as_uri())
+    page.wait_for_function("document.body.dataset.failuresPage === '1'")
+    page.click("#failures button.fail-next")
+    page.wait_for_function("document.body.dataset.failuresPage === '2'")
+    shown = page.eval_on_selector_all("#failed-rows .path", "c => c.map(x => x.textContent)")
+    assert shown == [_as_shown(f"/p/bad{i:03d}.png", tmp_path) for i in range(PAGE_SIZE, n)]
+    assert page.inner_text("#failures .fail-where") == f"failures {PAGE_SIZE + 1}–{n} of {n}"
+    assert page.locator("#failures button.fail-next").is_disabled()
+
+
+def test_a_hundred_thousand_rows_keep_the_page_small_and_every_screen_reachable(tmp_path, page):
+    """The page holds an index, not the rows: its size does not grow with them; the first and the last screen
+    both draw from their own row files. (The first screen's load time is `diffiml bench report`'s.)"""
+    n = 100_000
+    rng = np.random.default_rng(3)
+    rows = [{"path": f"/p/{i:06d}.png", "score": float(s), "error": None, "outputs": {}, "decision": bool(s > 0.9)}
+            for i, s in enumerate(rng.random(n))]
+    path = render_report(tmp_path, {}, rows)
+    assert path.stat().st_size < 64_000
+    files = sorted((tmp_path / ROWS_DIR).glob("ranked-*.js"))
+    assert len(files) == n // (PAGE_SIZE * 10)
+    _goto(page, path.as_uri())
+    assert page.inner_text(".where >> nth=0") == f"rows 1–{PAGE_SIZE} of {n} · page 1 of {n // PAGE_SIZE}"
+    best = max(range(n), key=lambda i: rows[i]["score"])
+    assert _shown_paths(page)[0] == _as_shown(f"/p/{best:06d}.png", tmp_path)
+    page.evaluate(f"location.hash = 'page={n // PAGE_SIZE}'")
+    page.wait_for_function(f"document.body.dataset.page === '{n // PAGE_SIZE}'")
+    worst = min(range(n), key=lambda i: rows[i]["score"])
+    assert _shown_paths(page)[-1] == _as_shown(f"/p/{worst:06d}.png", tmp_path)
+    # a shorter report in the same folder leaves no row file of the longer one behind
+    render_report(tmp_path, {}, rows[:10])
+    assert {f.name for f in (tmp_path / ROWS_DIR).glob("*.js")} <= {"ranked-00000.js", "manipulated-00000.js"}

@@ -24,9 +24,9 @@ import pytest
 pytest.importorskip("ray")
 
 from diffiml.cli import main  # noqa: E402
-from diffiml.runtime.scan import choose_layout  # noqa: E402
-from diffiml.runtime.scan_inputs import list_inputs, map_stem  # noqa: E402
-from diffiml.runtime.scan_table import SCHEMA, read_all_rows, read_scan_table, write_part  # noqa: E402
+from diffiml.runtime.scan.driver import choose_layout  # noqa: E402
+from diffiml.runtime.scan.inputs import list_inputs, map_stem  # noqa: E402
+from diffiml.runtime.scan.table import SCHEMA, read_all_rows, read_scan_table, write_part  # noqa: E402
 
 SETTINGS = ["--seed", "3", "--ensemble", "2", "--steps", "2", "--uncertainty", "--backend", "ort-cpu"]
 MAP_KINDS = ("mask", "prob", "overlay", "uncertainty")
@@ -151,12 +151,14 @@ def test_equal_stems_in_different_folders_get_different_map_names(local_scan, mi
 
 
 def test_the_report_reads_the_scan_table(local_scan, mixed_folder):
-    from diffiml.runtime import report
+    from diffiml.runtime.report import writer as report
 
     out, _ = local_scan
     _, good, bad = mixed_folder
     page = report.write_report(out).read_text()
-    assert all(Path(p).name in page for p in good + bad)
+    rows = "".join(f.read_text() for f in sorted((out / report.ROWS_DIR).glob("*.js")))
+    assert all(Path(p).name in rows for p in good + bad)
+    assert all(Path(p).name in page for p in bad)  # the failures' first screen is in the page itself
 
 
 def test_list_files_name_inputs_relative_to_themselves(tmp_path):
@@ -210,7 +212,7 @@ def test_the_table_keeps_the_newest_row_per_path(tmp_path):
 
     write_part(tmp_path, rows("1", ("x", "aa", None), ("y", None, "read"), ("z", "cc", "input")), "1", 0)
     write_part(tmp_path, rows("2", ("x", "bb", None), ("y", "dd", None)), "2", 0)
-    from diffiml.runtime.scan_table import done_index
+    from diffiml.runtime.scan.table import done_index
 
     assert [(r["path"], r["sha256"]) for r in read_scan_table(tmp_path)] == [("z", "cc"), ("x", "bb"), ("y", "dd")]
     done = done_index(tmp_path).to_pylist()
@@ -369,7 +371,7 @@ def test_a_bundle_with_other_cue_settings_does_not_resume_an_old_scan(tiny_bundl
     import argparse
 
     from diffiml.runtime.errors import DiffimlError
-    from diffiml.runtime.scan import _check_same_settings, scan_settings
+    from diffiml.runtime.scan.driver import _check_same_settings, scan_settings
 
     other = tmp_path / "other"
     shutil.copytree(tiny_bundle, other)
@@ -395,8 +397,8 @@ def test_a_bundle_with_other_cue_settings_does_not_resume_an_old_scan(tiny_bundl
 def test_a_rerun_skips_by_path_size_and_mtime_and_verify_rehashes(tmp_path):
     import pyarrow as pa
 
-    from diffiml.runtime.scan import plan_work
-    from diffiml.runtime.scan_table import done_index
+    from diffiml.runtime.scan.driver import plan_work
+    from diffiml.runtime.scan.table import done_index
 
     files = [tmp_path / f"{c}.png" for c in "abc"]
     for f in files:
@@ -418,7 +420,7 @@ def test_a_rerun_skips_by_path_size_and_mtime_and_verify_rehashes(tmp_path):
 def test_compaction_keeps_the_newest_row_per_input_in_one_part(tmp_path):
     import pyarrow as pa
 
-    from diffiml.runtime.scan_table import compact, part_files
+    from diffiml.runtime.scan.table import compact, part_files
 
     for run, sha in (("1", "old"), ("2", "new")):
         write_part(tmp_path, pa.Table.from_pylist([{"path": p, "sha256": sha, "run_id": run} for p in "xy"],
@@ -447,7 +449,7 @@ def test_a_second_scan_into_a_locked_folder_is_one_line(tmp_path, tiny_bundle, m
 def test_the_printed_cause_of_a_ray_failure_is_the_error_not_rays_hint():
     import ray.exceptions
 
-    from diffiml.runtime.scan import _cause
+    from diffiml.runtime.scan.driver import _cause
 
     try:
         "caf\udce9".encode()
@@ -460,7 +462,7 @@ def test_the_printed_cause_of_a_ray_failure_is_the_error_not_rays_hint():
 def test_names_that_are_not_utf8_and_an_input_that_kills_its_worker(tiny_bundle, tmp_path, ray_tmp):
     """A name in Latin-1 bytes is scanned like any other and shown escaped; an input that ends its worker process
     is tried MAX_ATTEMPTS times, then has a row saying so, and the rest of the job finishes; a rerun redoes nothing."""
-    from diffiml.runtime.scan_worker import FAULT_ENV, MAX_ATTEMPTS
+    from diffiml.runtime.scan.worker import FAULT_ENV, MAX_ATTEMPTS
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -479,7 +481,7 @@ def test_names_that_are_not_utf8_and_an_input_that_kills_its_worker(tiny_bundle,
     assert rows[latin]["error"] is None and rows[latin]["path_bytes"] == os.fsencode(folder) + b"/caf\xe9.png"
     poison = rows[str(folder / "poison.png")]
     assert poison["error_kind"] == "input" and f"ended its worker process {MAX_ATTEMPTS} times" in poison["error"]
-    assert "caf\\\\xe9.png" in (out / "report.html").read_text()  # the escaped name, inside the page's JSON
+    assert "caf\\\\xe9.png" in (out / "report-rows" / "ranked-00000.js").read_text()  # escaped, in the rows' JSON
     again = subprocess.run(command, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "RAY_TMPDIR": ray_tmp})
     assert again.returncode == 0, again.stderr
@@ -496,7 +498,7 @@ def test_the_driver_bench_skips_every_input_of_a_finished_table(tmp_path):
 
 def test_changed_bytes_are_computed_again_and_the_same_bytes_skipped(tmp_path):
     """The read stage skips an input only for the sha256 of its final row, never for its path alone."""
-    from diffiml.runtime.scan_worker import _read_one
+    from diffiml.runtime.scan.worker import _read_one
 
     path = tmp_path / "x.png"
     path.write_bytes(b"first")
@@ -510,7 +512,7 @@ def test_changed_bytes_are_computed_again_and_the_same_bytes_skipped(tmp_path):
 def test_scan_takes_localizes_options_the_ensemble_tolerance_included(tiny_bundle):
     import argparse
 
-    from diffiml.runtime.scan import scan_settings
+    from diffiml.runtime.scan.driver import scan_settings
 
     base = dict(bundle=str(tiny_bundle), steps=None, precision="fp32", backend="ort-cpu", tta=False, seed=0,
                 uncertainty=False, copy_move=True, follow_decision=False)
@@ -518,7 +520,7 @@ def test_scan_takes_localizes_options_the_ensemble_tolerance_included(tiny_bundl
     assert settings["adaptive"] == 0.01
     parser = argparse.ArgumentParser()
     main_sub = parser.add_subparsers()
-    from diffiml.runtime.scan import add_parser
+    from diffiml.runtime.scan.driver import add_parser
 
     add_parser(main_sub)
     args = parser.parse_args(["scan", "x", "--out", "o", "--ensemble", "auto", "--ensemble-tolerance", "0.05",

@@ -12,8 +12,8 @@ import pytest
 from diffiml.runtime.backends import open_backend
 from diffiml.runtime.bundle import load_bundle
 from diffiml.runtime.localizer import Localizer
-from diffiml.runtime.serving import MAX_ENSEMBLE, InstanceModel
-from diffiml.runtime.serving_stats import start_stats_server
+from diffiml.runtime.serving.server import MAX_ENSEMBLE, InstanceModel
+from diffiml.runtime.serving.stats import start_stats_server
 
 
 class Request:
@@ -101,7 +101,7 @@ def test_the_stats_port_serves_the_counts_and_the_bundle(model):
 
 
 def test_instances_go_round_robin_over_the_gpus(tiny_bundle, monkeypatch):
-    from diffiml.runtime import serving
+    from diffiml.runtime.serving import server as serving
 
     seen = []
 
@@ -142,6 +142,6 @@ def test_a_row_that_fails_inference_fails_alone_in_its_batch(tiny_bundle):
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("True", True), (1, True), (True, True),
                                              ("0", False), ("false", False), (0, False), (False, False)])
 def test_flags_read_every_spelling_a_client_sends(tiny_bundle, value, expected):
-    from diffiml.runtime.serving import parse_settings
+    from diffiml.runtime.serving.server import parse_settings
 
     assert parse_settings({"uncertainty": value}, load_bundle(tiny_bundle)).uncertainty is expected

@@ -51,7 +51,7 @@ def scan(folder: Path, out: Path, extra: list[str], kill_after_rows: int | None 
 
 
 def rows(out: Path) -> int:
-    from diffiml.runtime.scan_table import read_all_rows
+    from diffiml.runtime.scan.table import read_all_rows
 
     return read_all_rows(out).num_rows if (out / "rows").is_dir() else 0
 
@@ -59,7 +59,7 @@ def rows(out: Path) -> int:
 def table(out: Path) -> dict[str, tuple]:
     import json
 
-    from diffiml.runtime.scan_table import read_all_rows
+    from diffiml.runtime.scan.table import read_all_rows
 
     result = {}
     for r in read_all_rows(out).to_pylist():

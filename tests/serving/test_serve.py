@@ -21,7 +21,7 @@ pytest.importorskip("tritonclient", reason="serving tests run in .venv-serve (ma
 from diffiml.benchmarks import serve_load as load
 from diffiml.benchmarks.serve_process import ServerProcess
 from diffiml.runtime.localizer import Localizer
-from diffiml.runtime.triton_client import ServerError, TritonLocalizer
+from diffiml.runtime.serving.client import ServerError, TritonLocalizer
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "engines" / "default"

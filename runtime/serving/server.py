@@ -40,8 +40,8 @@ from diffiml.runtime.bundle import Bundle, load_bundle
 from diffiml.runtime.errors import DiffimlError, one_line
 from diffiml.runtime.image_io import DecodedImage, load_image
 from diffiml.runtime.localizer import LocalizationResult, Localizer
-from diffiml.runtime.serving_stats import ServeStats, start_stats_server
-from diffiml.runtime.triton_client import MODEL_NAME
+from diffiml.runtime.serving.client import MODEL_NAME
+from diffiml.runtime.serving.stats import ServeStats, start_stats_server
 
 log = logging.getLogger(__name__)
 LOCALIZER_CACHE = 64  # Localizers (settings) kept per instance

@@ -4,11 +4,13 @@ decision and overlay thumbnails, a "manipulated only" filter and a viewer (image
 the failures and the run's settings (collapsed) follow.
 
 It reads a ``diffiml scan`` folder (``scan.json`` + the scan table) or a ``diffiml localize --report`` folder
-(``localize.json``). Rows travel as one JSON array inside the page and inline JavaScript renders one page of them
-at a time, with lazy images, so a run of 10 000 images stays light; thumbnails are made once."""
+(``localize.json``). The page holds an index only; the rows, ranked, lie in script files of 1000 beside it
+(``report-rows/``) that its script loads one at a time as pages turn, so the first screen of a million-row scan
+costs what a small one does. Images are lazy; thumbnails are made once."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import importlib
 import json
@@ -21,7 +23,7 @@ from urllib.parse import quote
 
 from diffiml.files import atomic_path, sha256_of, write_text_atomic
 from diffiml.runtime.errors import DiffimlError
-from diffiml.runtime.report_page import PAGE, SCRIPT, STYLE
+from diffiml.runtime.report.page import FAIL_PAGER, PAGE, SCRIPT, STYLE
 
 REPORT_NAME = "report.html"
 LOCALIZE_RUN = "localize.json"
@@ -29,7 +31,9 @@ SCAN_SETTINGS = "scan.json"
 THUMBS = "thumbs"
 THUMB_SIDE = 160  # px, longest side of a thumbnail
 VIEW_SIDE = 768  # px, longest side of the viewer's image and heat map
-PAGE_SIZE = 100  # rows per page
+PAGE_SIZE = 100  # rows per screen
+PAGES_PER_CHUNK = 10  # screens per row file: a million rows are 1000 files of about 400 kB
+ROWS_DIR = "report-rows"
 MAP_KINDS = ("mask", "prob", "overlay", "uncertainty")
 # The header's settings, in this order, before any other the run recorded.
 NAMED_SETTINGS = (("bundle", "bundle"), ("backend", "backend"), ("ensemble", "ensemble N"), ("steps", "steps K"),
@@ -50,10 +54,10 @@ def load_run(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if (out_dir / SCAN_SETTINGS).is_file():
         settings = _read_json(out_dir / SCAN_SETTINGS)
         try:  # lazily: pyarrow is needed for scans only
-            scan_table = importlib.import_module("diffiml.runtime.scan_table")
+            scan_table = importlib.import_module("diffiml.runtime.scan.table")
         except ImportError as exc:
             raise DiffimlError(f"{out_dir}: reading a scan's table needs pyarrow ({exc})") from None
-        return (settings if isinstance(settings, dict) else {}), list(scan_table.read_scan_table(out_dir))
+        return (settings if isinstance(settings, dict) else {}), scan_table.newest_rows(out_dir)
     if (out_dir / LOCALIZE_RUN).is_file():
         run = _read_json(out_dir / LOCALIZE_RUN)
         if not isinstance(run, dict) or not isinstance(run.get("rows"), list):
@@ -91,34 +95,122 @@ def write_localize_run(out_dir: Path, settings: dict[str, Any], records: list[di
     return render_report(out_dir, settings, rows, title)
 
 
-def render_report(out_dir: str | Path, settings: dict[str, Any], rows: list[dict[str, Any]],
-                  title: str | None = None, page_size: int = PAGE_SIZE) -> Path:
-    """Write ``out_dir/report.html`` (and missing or stale thumbnails) from a run's settings and rows; pure apart
-    from those files. Rows are scan-table dicts: ``outputs`` a dict or its JSON text of paths relative to
-    ``out_dir``; ``error`` None for a localized image."""
+def render_report(out_dir: str | Path, settings: dict[str, Any], rows: Any, title: str | None = None,
+                  page_size: int = PAGE_SIZE) -> Path:
+    """Write ``out_dir/report.html``, its row pages (``report-rows/``) and missing or stale thumbnails from a run's
+    settings and rows; pure apart from those files. ``rows``: scan-table dicts (``outputs`` a dict or its JSON text
+    of paths relative to ``out_dir``; ``error`` None for a localized image), or the scan table itself (pyarrow),
+    which is ranked and read a chunk at a time so a million rows never become Python objects at once."""
     out_dir = Path(out_dir)
-    rows = [dict(r, outputs=_outputs_of(r)) for r in rows]
-    done = sorted((r for r in rows if not r.get("error")), key=_rank_key)
-    failed = [r for r in rows if r.get("error")]
-    maps = [_maps(out_dir, r["outputs"]) for r in done]
-    thumbs = _make_thumbs(out_dir, [(m.get("overlay"), m.get("uncertainty")) for m in maps])
-    views = _make_views(out_dir, done, maps)
+    page_size = max(1, page_size)
+    chunk = page_size * PAGES_PER_CHUNK  # a screen never spans two chunk files
+    ranked, failed = _ranked_and_failed(rows)
     shown = _relative_paths(out_dir)
-    done = [dict(r, path=shown(r.get("path"))) for r in done]
-    failed = [dict(r, path=shown(r.get("path")),
-                   error=str(r["error"]).replace(str(r.get("path")), str(shown(r.get("path"))))) for r in failed]
+    pages = _RowPages(out_dir / ROWS_DIR, chunk)
+    first_rows: list[dict[str, Any]] = []
+    manipulated: list[dict[str, Any]] = []
+    for start in range(0, len(ranked), chunk):
+        block = [dict(r, outputs=_outputs_of(r)) for r in ranked[start:start + chunk]]
+        first_rows = first_rows or block
+        maps = [_maps(out_dir, r["outputs"]) for r in block]
+        thumbs = _make_thumbs(out_dir, [(m.get("overlay"), m.get("uncertainty")) for m in maps])
+        views = _make_views(out_dir, block, maps)
+        page_rows = [_page_row(start + i + 1, dict(r, path=shown(r.get("path"))), m, th, v)
+                     for i, (r, m, th, v) in enumerate(zip(block, maps, thumbs, views, strict=True))]
+        pages.write("ranked", start // chunk, page_rows)
+        manipulated += [r for r in page_rows if r["d"] is True]
+        while len(manipulated) >= chunk:
+            pages.write("manipulated", pages.count("manipulated") // chunk, manipulated[:chunk])
+            manipulated = manipulated[chunk:]
+    if manipulated:
+        pages.write("manipulated", pages.count("manipulated") // chunk, manipulated)
+    first_failures: list[dict[str, Any]] = []
+    for start in range(0, len(failed), chunk):
+        block = [{"p": shown(r.get("path")),
+                  "e": str(r["error"]).replace(str(r.get("path")), str(shown(r.get("path"))))}
+                 for r in failed[start:start + chunk]]
+        first_failures = first_failures or block
+        pages.write("failed", start // chunk, block)
+    pages.remove_stale()
     settings = {k: shown(v) if k == "bundle" else v for k, v in settings.items()}
-    page_rows = [_page_row(i + 1, r, m, t, v)
-                 for i, (r, m, t, v) in enumerate(zip(done, maps, thumbs, views, strict=True))]
     title = title or f"diffiml report: {out_dir.resolve().name}"
-    data = json.dumps({"page_size": max(1, page_size), "rows": page_rows}, separators=(",", ":"))
-    page = PAGE.format(title=_esc(title), style=STYLE, settings=_settings_html(settings, done),
-                        done=len(done), failed=len(failed), failures=_failures_html(failed), data=_script_json(data),
-                        manipulated=sum(1 for r in done if r.get("decision") is True),
-                        script=SCRIPT)
+    index = {"page_size": page_size, "chunk": chunk, "dir": ROWS_DIR, "version": pages.version,
+             "counts": {s: pages.count(s) for s in SERIES}}
+    page = PAGE.format(title=_esc(title), style=STYLE, settings=_settings_html(settings, first_rows),
+                       done=len(ranked), failed=len(failed),
+                       failures=_failures_html(first_failures[:page_size], len(failed)),
+                       data=_script_json(json.dumps(index, separators=(",", ":"))),
+                       manipulated=pages.count("manipulated"), script=SCRIPT)
     path = out_dir / REPORT_NAME
-    write_text_atomic(path, page)
+    write_text_atomic(path, page)  # last: the page names only row files that are already in place
     return path
+
+
+SERIES = ("ranked", "manipulated", "failed")
+
+
+class _RowPages:
+    """The report's rows as script files, ``<series>-NNNNN.js``, each a call ``diffimlRows(series, k, rows)``: a
+    page opened from the file system may load scripts beside it but not fetch JSON, so this is how rows are paged
+    in. Files of an earlier, longer report are removed once the new ones are written."""
+
+    def __init__(self, folder: Path, chunk: int) -> None:
+        self.folder, self.chunk = folder, chunk
+        self.rows: dict[str, int] = dict.fromkeys(SERIES, 0)
+        self.written: set[str] = set()
+        self.digest = hashlib.sha256()
+
+    def write(self, series: str, k: int, rows: list[dict[str, Any]]) -> None:
+        name = f"{series}-{k:05d}.js"
+        text = f"diffimlRows({json.dumps(series)},{k},{_script_json(json.dumps(rows, separators=(',', ':')))});\n"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.folder / name, text)
+        self.digest.update(text.encode())
+        self.written.add(name)
+        self.rows[series] += len(rows)
+
+    def count(self, series: str) -> int:
+        return self.rows[series]
+
+    @property
+    def version(self) -> str:
+        """Changes whenever a row does: the page asks for ``file.js?v=version``, so no browser shows cached rows."""
+        return self.digest.hexdigest()[:12]
+
+    def remove_stale(self) -> None:
+        if self.folder.is_dir():
+            for old in self.folder.glob("*.js"):
+                if old.name not in self.written:
+                    old.unlink(missing_ok=True)
+
+
+def _ranked_and_failed(rows: Any) -> tuple[Any, Any]:
+    """(localized rows ranked by score, failed rows in the order written), each sliceable into lists of dicts."""
+    if hasattr(rows, "column_names"):  # the scan table (pyarrow): ranked as columns
+        import pyarrow.compute as pc
+
+        failed_mask = pc.is_valid(rows.column("error"))
+        done = rows.filter(pc.invert(failed_mask))
+        order = pc.sort_indices(done, sort_keys=[("score", "descending"), ("path", "ascending")],
+                                null_placement="at_end")
+        return _TableRows(done, order), _TableRows(rows.filter(failed_mask), None)
+    rows = list(rows)
+    return sorted((r for r in rows if not r.get("error")), key=_rank_key), [r for r in rows if r.get("error")]
+
+
+class _TableRows:
+    """A pyarrow table in a given order, as ``len()`` and slices of row dicts."""
+
+    def __init__(self, table: Any, order: Any) -> None:
+        self.table, self.order = table, order
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, window: slice) -> list[dict[str, Any]]:
+        if self.order is None:
+            return self.table.slice(window.start, window.stop - window.start).to_pylist()
+        return self.table.take(self.order[window]).to_pylist()
 
 
 def _relative_paths(out_dir: Path):  # noqa: ANN202 - (str | None) -> str
@@ -309,9 +401,12 @@ def _settings_html(settings: dict[str, Any], done: list[dict[str, Any]]) -> str:
     return "\n".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
 
 
-def _failures_html(failed: list[dict[str, Any]]) -> str:
-    if not failed:
+def _failures_html(first: list[dict[str, Any]], total: int) -> str:
+    """The failures' first screen, in the page itself (readable without its script); the rest are paged in."""
+    if not total:
         return ""
-    items = "\n".join(f'<li><code class="path">{_esc(str(r.get("path", "")))}</code> '
-                      f'<span class="why">{_esc(str(r["error"]))}</span></li>' for r in failed)
-    return f'<section id="failures"><h2>Failed: {len(failed)}</h2>\n<ul>\n{items}\n</ul></section>'
+    items = "\n".join(f'<li><code class="path">{_esc(str(r["p"]))}</code> <span class="why">{_esc(r["e"])}</span></li>'
+                      for r in first)
+    pager = FAIL_PAGER if total > len(first) else ""
+    return (f'<section id="failures"><h2>Failed: {total}</h2>\n{pager}<ul id="failed-rows">\n{items}\n</ul>'
+            "</section>")

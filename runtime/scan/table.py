@@ -153,6 +153,11 @@ def read_scan_table(out_dir: str | Path) -> list[dict[str, Any]]:
     return _read_newest(out_dir).to_pylist()
 
 
+def newest_rows(out_dir: str | Path) -> pa.Table:
+    """``read_scan_table`` as a pyarrow table: what the report ranks and pages without a Python object per row."""
+    return _read_newest(out_dir)
+
+
 def done_index(out_dir: str | Path) -> pa.Table:
     """``INDEX_COLUMNS`` of the inputs whose newest row is final (localized, or refused for its content), read as
     columns from the parts: a rerun skips an input with the same key, size and mtime, or whose bytes still have that

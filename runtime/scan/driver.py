@@ -31,7 +31,7 @@ from typing import Any
 
 from diffiml.files import exclusive_lock, write_text_atomic
 from diffiml.runtime.errors import DiffimlError
-from diffiml.runtime.scan_cluster import DEFAULT_BATCH, READ_CPUS, Layout, check_counts, choose_layout, connect
+from diffiml.runtime.scan.cluster import DEFAULT_BATCH, READ_CPUS, Layout, check_counts, choose_layout, connect
 
 log = logging.getLogger(__name__)
 # Settings that change a row's result: a rerun into the same folder must use the same ones.
@@ -61,7 +61,7 @@ class ScanSummary:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from diffiml.runtime.commands import DEFAULT_BUNDLE, add_localizer_options
+    from diffiml.runtime.options import DEFAULT_BUNDLE, add_localizer_options
 
     p = sub.add_parser("scan", help="localize many images on Ray Data (local or a cluster), resumable, into a table")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -89,8 +89,8 @@ def scan_settings(args: argparse.Namespace) -> dict[str, Any]:
     import cv2
 
     from diffiml.runtime.bundle import load_bundle
-    from diffiml.runtime.commands import adaptive_policy, apply_fast
     from diffiml.runtime.localizer import parse_ensemble
+    from diffiml.runtime.options import adaptive_policy, apply_fast
 
     apply_fast(args)
     bundle = load_bundle(args.bundle)
@@ -126,7 +126,7 @@ def plan_work(inputs: list[str], done: Any, verify: bool = False) -> tuple[Any, 
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from diffiml.runtime.scan_inputs import input_key, is_uri
+    from diffiml.runtime.scan.inputs import input_key, is_uri
 
     sizes = np.full(len(inputs), -1, np.int64)
     mtimes = np.full(len(inputs), -1, np.int64)
@@ -160,8 +160,8 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
     import ray.data  # configures Ray Data's loggers, which the lines below quiet
     from tqdm import tqdm
 
-    from diffiml.runtime.scan_table import FLUSH_ROWS, FLUSH_SECONDS, compact, done_index, write_part
-    from diffiml.runtime.scan_worker import ScanWorker, read_batch
+    from diffiml.runtime.scan.table import FLUSH_ROWS, FLUSH_SECONDS, compact, done_index, write_part
+    from diffiml.runtime.scan.worker import ScanWorker, read_batch
 
     summary = ScanSummary(inputs=len(inputs))
     work, summary.skipped = plan_work(inputs, done_index(out), verify)
@@ -227,7 +227,7 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
         bar.close()
         summary.seconds = time.perf_counter() - t0
     if seen < work.num_rows:  # rare (a batch Ray dropped): name the inputs that have no row from this run
-        from diffiml.runtime.scan_table import display_path, read_all_rows
+        from diffiml.runtime.scan.table import display_path, read_all_rows
 
         rows = read_all_rows(out, ["path_bytes", "run_id"])
         ours = rows.filter(pc.equal(rows.column("run_id"), settings["run_id"])).column("path_bytes")
@@ -277,8 +277,8 @@ def _check_same_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def scan(args: argparse.Namespace) -> int:
-    from diffiml.runtime.commands import _output_folder
-    from diffiml.runtime.scan_inputs import list_inputs
+    from diffiml.runtime.options import output_folder
+    from diffiml.runtime.scan.inputs import list_inputs
 
     check_counts(args.actors, args.threads_per_actor, args.batch_size)
     try:  # before anything is listed or created: without them nothing can run
@@ -290,7 +290,7 @@ def scan(args: argparse.Namespace) -> int:
     inputs = list_inputs(args.inputs)
     if not inputs:
         raise DiffimlError("no input images matched")
-    out = _output_folder(args.out)
+    out = output_folder(args.out)
     with exclusive_lock(out / ".scan.lock") as held:
         if not held:
             raise DiffimlError(f"{out}: another scan is writing to this folder (lock {out / '.scan.lock'}); wait for "
@@ -322,7 +322,7 @@ def _scan_locked(args: argparse.Namespace, out: Path, settings: dict[str, Any], 
     print(json.dumps({"out": str(out), "inputs": summary.inputs, "localized": summary.localized,
                       "failed": summary.failed, "skipped": summary.skipped, "run_id": settings["run_id"]}))
     if args.report:
-        from diffiml.runtime.report import write_report
+        from diffiml.runtime.report.writer import write_report
 
         print(f"diffiml scan: report {write_report(out)}", file=sys.stderr)
     if summary.missing:

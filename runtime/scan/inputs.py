@@ -31,7 +31,7 @@ def list_inputs(specs: list[str]) -> list[str]:
     """The inputs in the order given, each once. A ``.txt`` (one path per line; blank lines and ``#`` comments
     skipped), ``.csv`` or ``.parquet`` (a ``path`` column) is a list of inputs; relative entries are relative to the
     list's folder. A missing file stays in the list: its row will say so."""
-    from diffiml.runtime.commands import expand_inputs
+    from diffiml.runtime.options import expand_inputs
 
     found: list[str] = []
     for spec in specs:

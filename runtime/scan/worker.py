@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from diffiml.runtime.errors import one_line
 from diffiml.runtime.image_io import MAX_BYTES
-from diffiml.runtime.scan_inputs import is_uri, map_stem, open_filesystem, source_of
-from diffiml.runtime.scan_table import SCHEMA, display_path
+from diffiml.runtime.scan.inputs import is_uri, map_stem, open_filesystem, source_of
+from diffiml.runtime.scan.table import SCHEMA, display_path
 
 READ_SCHEMA = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()), ("sha256", pa.string()),
                          ("size", pa.int64()), ("mtime_ns", pa.int64()), ("data", pa.large_binary()),
