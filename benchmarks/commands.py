@@ -166,6 +166,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True)
     m.set_defaults(handler=memory)
 
+    e = bench.add_parser("decode-memory", help="peak memory of decoding and localizing the issue's huge inputs")
+    e.add_argument("--bundle", default="engines/default")
+    e.add_argument("--work", required=True, help="a folder for the test files (kept: they take minutes to make)")
+    e.add_argument("--cases", default="png8_25000,progressive_20000,rgba16_100mp,jpeg_big_header")
+    e.add_argument("--out", required=True)
+    e.set_defaults(handler=decode_memory)
+
     n = bench.add_parser("scan", help="images/s of localize's loop vs diffiml scan on a local Ray, 1..N actors")
     n.add_argument("--bundle", default="engines/default")
     n.add_argument("--images", default=None, help="a folder of images (default: N photos or example crops)")
@@ -353,6 +360,21 @@ def memory(args: argparse.Namespace) -> int:
     result = peak_memory_of_localization(args.bundle, args.size, out)
     write_text_atomic(out / "memory.json", json.dumps(result, indent=2))
     print(json.dumps(result))
+    return 0
+
+
+def decode_memory(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.memory import peak_memory_of_decoding
+
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    rows = peak_memory_of_decoding(args.bundle, args.work, args.cases.split(","))
+    keys = ("case", "file_mib", "load_image_peak_mib", "localize_peak_mib")
+    md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n" + "".join(
+        "| " + " | ".join(str(r[k]) for k in keys) + " |\n" for r in rows)
+    _report(args.out, "decode_memory", rows, md + (
+        f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}`. Peak resident memory (VmHWM) of a "
+        "fresh process: load_image at the model's size; localize: decode, the whole call, the full-size mask and the "
+        "overlay image.\n"))
     return 0
 
 

@@ -27,24 +27,69 @@ from diffiml.runtime.errors import ImageDecodeError, one_line
 # what fits the memory bound (100 MP of 16-bit RGBA is 800 MB before conversion).
 MAX_PIXELS = 25_000 * 25_000
 MAX_FULL_DECODE_PIXELS = 100_000_000
+# A progressive JPEG keeps every DCT coefficient while it decodes, at any output scale: 2 bytes per pixel and
+# component (a 20000² 4:4:4 image holds 2.4 GB). Its limit is on those bytes, from the frame header.
+MAX_PROGRESSIVE_COEFFICIENT_BYTES = 1_250_000_000
 MAX_BYTES = 1 << 30
 ImageInput = str | os.PathLike | bytes | np.ndarray
 
 
+@dataclass(frozen=True)
+class JpegFrame:
+    """What a JPEG's frame header (SOF) says: its size, whether it is progressive, its components' sampling."""
+
+    width: int
+    height: int
+    progressive: bool
+    sampling: tuple[tuple[int, int], ...]  # (horizontal, vertical) per component
+
+    def coefficient_bytes(self) -> int:
+        """What libjpeg holds for a progressive image whatever the output scale: every component's DCT
+        coefficients (2 bytes each, one per pixel of the component's subsampled plane)."""
+        h_max = max((h for h, _ in self.sampling), default=1) or 1
+        v_max = max((v for _, v in self.sampling), default=1) or 1
+        return sum(2 * -(-self.width * h // h_max) * -(-self.height * v // v_max) for h, v in self.sampling)
+
+
+def jpeg_frame(data: np.ndarray) -> JpegFrame | None:
+    """The frame header of a JPEG, found by walking its marker segments over the whole file (ICC profiles and XMP
+    may put it far past the first 64 KiB), reading a few bytes per segment; None when it is not there."""
+    at, end = 2, data.size
+    while at + 9 < end:
+        head = data[at : at + 4].tobytes()
+        if head[0] != 0xFF:
+            return None
+        marker = head[1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        length = int.from_bytes(head[2:4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            body = data[at + 4 : at + 2 + length].tobytes()
+            if len(body) < 6:
+                return None
+            count = body[5]
+            sampling = tuple((body[7 + 3 * c] >> 4, body[7 + 3 * c] & 15) for c in range(count)
+                             if 8 + 3 * c <= len(body))
+            return JpegFrame(int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big"),
+                             marker in (0xC2, 0xC6, 0xCA, 0xCE), sampling)
+        if marker in (0xDA, 0xD9) or length < 2:  # scan data before any frame header: not a JPEG we can size
+            return None
+        at += 2 + length
+    return None
+
+
 def _header_size(data: np.ndarray) -> tuple[int, int] | None:
     """(width, height) from a PNG or JPEG header, without decoding the pixels."""
-    raw = data[:1 << 16].tobytes()
+    raw = data[:24].tobytes()
     if raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24:
         return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
     if raw[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(raw):
-            if raw[i] != 0xFF:
-                return None
-            marker, length = raw[i + 1], int.from_bytes(raw[i + 2 : i + 4], "big")
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3):
-                return int.from_bytes(raw[i + 7 : i + 9], "big"), int.from_bytes(raw[i + 5 : i + 7], "big")
-            i += 2 + length
+        frame = jpeg_frame(data)
+        return None if frame is None else (frame.width, frame.height)
     return None
 
 
@@ -105,12 +150,18 @@ def sample_bits(a: np.ndarray, declared: int | None = None) -> int:
 
 
 def _uint16_to_8(a: np.ndarray, bits: int) -> np.ndarray:
-    """uint16 samples of ``bits`` significant bits -> uint8 full range, rounded; in strips of rows, so a 100 MP
-    image never holds a wider copy than a strip."""
+    """uint16 samples of ``bits`` significant bits -> uint8 full range, rounded (16 bits: the top byte); in strips of
+    rows, so a 100 MP image never holds a wider copy than a strip. The 3-channel result is contiguous."""
+    channels = a.shape[2] if a.ndim == 3 else 1
+    if a.ndim == 3 and channels == 4:
+        a, channels = a[..., :3], 3
     out = np.empty(a.shape, np.uint8)
     top = (1 << bits) - 1
     step = max(1, (1 << 22) // max(1, a[0].size))
     for y in range(0, a.shape[0], step):
+        if bits == 16:
+            out[y : y + step] = a[y : y + step] >> 8
+            continue
         strip = a[y : y + step].astype(np.uint32)
         np.minimum(strip, top, out=strip)
         out[y : y + step] = (strip * 255 + top // 2) // top
@@ -124,7 +175,7 @@ def to_rgb8(array: np.ndarray, name: str = "array", bits: int = 16) -> np.ndarra
     if a.size == 0 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
         raise ImageDecodeError(f"{name}: expected an HxW or HxWxC (C = 1, 3, 4) image, got shape {a.shape}")
     if a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8) if bits == 16 else _uint16_to_8(a, bits)
+        a = _uint16_to_8(a, bits)
     elif a.dtype.kind == "f":
         a = (np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif a.dtype != np.uint8:
@@ -190,12 +241,22 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
     if size[0] * size[1] > limit:
         raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels exceeds the limit of {limit:,} pixels"
                                + ("" if reducible else " for this format (JPEG and 8-bit PNG may be larger)"))
+    if is_jpeg:
+        frame = jpeg_frame(data)
+        if frame is not None and frame.progressive and frame.coefficient_bytes() > MAX_PROGRESSIVE_COEFFICIENT_BYTES:
+            raise ImageDecodeError(
+                f"{name}: {size[0]}x{size[1]} pixels exceeds the limit for a progressive JPEG (its decoder holds "
+                f"{frame.coefficient_bytes() / 2**30:.1f} GiB of coefficients; at most "
+                f"{MAX_PROGRESSIVE_COEFFICIENT_BYTES / 2**30:.2f} GiB): re-encode it as a baseline JPEG")
     if reducible:
         # 8-bit color: IMREAD_COLOR applies the EXIF orientation and turns CMYK JPEGs into BGR.
         reduce = 1
         if model_size:
             while reduce < 8 and min(size) // (2 * reduce) >= 2 * model_size:
                 reduce *= 2
+        if reduce > 1 and not is_jpeg:  # OpenCV would decode a PNG whole, then reduce it
+            rgb = _png_shrunk(data, reduce, name)
+            return DecodedImage(rgb, size[1], size[0])
         flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                 8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
         decoded = _decode(data, flag, name)
@@ -207,15 +268,36 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
         w, h = size if (rgb.shape[1] >= rgb.shape[0]) == (size[0] >= size[1]) else size[::-1]
         return DecodedImage(rgb, h, w)
     decoded = _decode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH, name)
-    try:
-        if decoded.ndim == 3 and decoded.shape[2] >= 3:
-            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA if decoded.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    except cv2.error as exc:
-        raise ImageDecodeError(f"{name}: unsupported pixel layout ({str(exc).strip()[-120:]})") from None
+    if decoded.ndim == 3 and decoded.shape[2] == 2:
+        raise ImageDecodeError(f"{name}: unsupported pixel layout (2 channels)")
     color = decoded[..., :3] if decoded.ndim == 3 else decoded  # an opaque alpha channel is all ones
     bits = sample_bits(color, png_significant_bits(data)) if decoded.dtype == np.uint16 else 16
-    rgb = to_rgb8(decoded, name, bits)
+    if decoded.ndim == 3 and decoded.shape[2] >= 3:
+        color = color[..., ::-1]  # OpenCV's BGR; reordered in to_rgb8's strips, never as a full-size copy
+    rgb = to_rgb8(color, name, bits)
     return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
+
+
+def _png_shrunk(data: np.ndarray, reduce: int, name: str) -> np.ndarray:
+    """An 8-bit RGB PNG decoded a strip of rows at a time and averaged over ``reduce`` x ``reduce`` blocks as it
+    goes (libvips, sequential access): a 25000 x 25000 PNG never holds its 1.75 GiB of full-size pixels, only the
+    reduced image and a few strips (0.11 GiB at 12000², where OpenCV's reduced read peaks at 0.45 GiB). A box
+    average, like the area resize the model's input gets. An EXIF orientation is applied to the reduced image."""
+    import pyvips
+
+    try:
+        source = pyvips.Source.new_from_memory(data)  # the encoded bytes already read, not copied
+        image = pyvips.Image.new_from_source(source, "", access="sequential", fail=True)
+        if image.bands != 3 or image.format != "uchar":
+            raise ImageDecodeError(f"{name}: not a decodable image (unexpected PNG layout)")
+        small = image.shrink(reduce, reduce)
+        if "orientation" in image.get_fields() and image.get("orientation") != 1:
+            small = small.copy_memory().autorot()
+        pixels = small.write_to_memory()
+    except pyvips.Error as exc:
+        reason = one_line(exc, last=True)
+        raise ImageDecodeError(f"{name}: not a decodable image ({reason[:200]})") from None
+    return np.frombuffer(pixels, np.uint8).reshape(small.height, small.width, 3).copy()
 
 
 def preprocess(images: list[np.ndarray], size: int, mean: list[float], std: list[float], scale: float = 1 / 255

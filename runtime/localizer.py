@@ -62,6 +62,28 @@ def image_score(probability: np.ndarray) -> float:
     return float(np.partition(p, p.size - k)[-k:].mean())
 
 
+# Above this many pixels (20000²) the full-size mask is thresholded a strip of rows at a time: the 16-bit map of a
+# 25000² input alone is 1.25 GB. Bilinear in float there; a boundary pixel may differ from the 16-bit rounding.
+MAX_EXACT_MASK_PIXELS = 400_000_000
+
+
+def _upsampled_threshold(small: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
+    """(height, width) bool: ``small`` resized bilinearly (pixel centres aligned, as cv2.resize) and thresholded,
+    a strip of about a million pixels at a time, so only the bool mask is ever full size."""
+    out = np.empty((height, width), bool)
+    xs = ((np.arange(width, dtype=np.float64) + 0.5) * (small.shape[1] / width) - 0.5).astype(np.float32)
+    step = max(1, (1 << 20) // width)
+    for y0 in range(0, height, step):
+        rows = np.arange(y0, min(height, y0 + step), dtype=np.float64)
+        ys = ((rows + 0.5) * (small.shape[0] / height) - 0.5).astype(np.float32)
+        map_x = np.ascontiguousarray(np.broadcast_to(xs, (len(ys), width)))
+        map_y = np.ascontiguousarray(np.broadcast_to(ys[:, None], (len(ys), width)))
+        strip = cv2.remap(small.astype(np.float32, copy=False), map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        out[y0 : y0 + len(ys)] = strip >= threshold
+    return out
+
+
 @dataclass
 class LocalizationResult:
     """Maps are computed at the input's original size on first access, from the model-resolution maps, so a
@@ -115,6 +137,8 @@ class LocalizationResult:
         when the image-level decision is "authentic" and the Localizer follows the decision."""
         if not self.regions_shown:
             return np.zeros((self.height, self.width), bool)
+        if self.height * self.width > MAX_EXACT_MASK_PIXELS:
+            return _upsampled_threshold(self.model_probability, self.height, self.width)
         return self.probability16() >= 32768
 
     @property

@@ -191,8 +191,8 @@ def _ranked_and_failed(rows: Any) -> tuple[Any, Any]:
 
         failed_mask = pc.is_valid(rows.column("error"))
         done = rows.filter(pc.invert(failed_mask))
-        order = pc.sort_indices(done, sort_keys=[("score", "descending"), ("path", "ascending")],
-                                null_placement="at_end")
+        # nulls (no score) sort last by default, as _rank_key puts them
+        order = pc.sort_indices(done, sort_keys=[("score", "descending"), ("path", "ascending")])
         return _TableRows(done, order), _TableRows(rows.filter(failed_mask), None)
     rows = list(rows)
     return sorted((r for r in rows if not r.get("error")), key=_rank_key), [r for r in rows if r.get("error")]
