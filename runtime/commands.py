@@ -143,13 +143,16 @@ def localize(args: argparse.Namespace) -> int:
         decoded = load_image(path, localizer.bundle.image_size)
         return localizer.localize(decoded), decoded.rgb, localizer.backend, localizer.bundle.bundle_id
 
+    import cv2  # its version decides the copy-move cue's keypoints: recorded with the run
+
     with localizer:
         settings = {"bundle": args.bundle, "bundle_id": localizer.bundle.bundle_id, "backend": localizer.backend,
                     "precision": args.precision,
                     "ensemble": f"auto:{localizer.ensemble}" if localizer.adaptive else localizer.ensemble,
                     "steps": localizer.steps, "seed": localizer.seed, "tta": localizer.tta,
                     "uncertainty": localizer.uncertainty, "copy_move_cue": localizer.copy_move is not None,
-                    "detector": localizer.detector is not None, "follow_decision": localizer.follow_decision}
+                    "detector": localizer.detector is not None, "follow_decision": localizer.follow_decision,
+                    "opencv": cv2.__version__}
         return _localize_each(paths, one, out, args.truth, settings if args.report else None)
 
 

@@ -68,19 +68,23 @@ MAX_EXACT_MASK_PIXELS = 400_000_000
 
 
 def _upsampled_threshold(small: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
-    """(height, width) bool: ``small`` resized bilinearly (pixel centres aligned, as cv2.resize) and thresholded,
-    a strip of about a million pixels at a time, so only the bool mask is ever full size."""
+    """(height, width) bool: ``small`` resized bilinearly (pixel centres aligned and borders clamped, as cv2.resize)
+    and thresholded, a strip of about a million pixels at a time, so only the bool mask is ever full size."""
+    def taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+        lo = np.floor(pos)
+        weight = (pos - lo).astype(np.float32)
+        return np.clip(lo, 0, n_in - 1).astype(np.intp), np.clip(lo + 1, 0, n_in - 1).astype(np.intp), weight
+
+    small = small.astype(np.float32, copy=False)
+    x0, x1, wx = taps(width, small.shape[1])
+    y0, y1, wy = taps(height, small.shape[0])
     out = np.empty((height, width), bool)
-    xs = ((np.arange(width, dtype=np.float64) + 0.5) * (small.shape[1] / width) - 0.5).astype(np.float32)
     step = max(1, (1 << 20) // width)
-    for y0 in range(0, height, step):
-        rows = np.arange(y0, min(height, y0 + step), dtype=np.float64)
-        ys = ((rows + 0.5) * (small.shape[0] / height) - 0.5).astype(np.float32)
-        map_x = np.ascontiguousarray(np.broadcast_to(xs, (len(ys), width)))
-        map_y = np.ascontiguousarray(np.broadcast_to(ys[:, None], (len(ys), width)))
-        strip = cv2.remap(small.astype(np.float32, copy=False), map_x, map_y, cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
-        out[y0 : y0 + len(ys)] = strip >= threshold
+    for top in range(0, height, step):
+        rows = slice(top, min(height, top + step))
+        across = small[y0[rows]] * (1 - wy[rows, None]) + small[y1[rows]] * wy[rows, None]  # (strip, S)
+        out[rows] = across[:, x0] * (1 - wx) + across[:, x1] * wx >= threshold
     return out
 
 

@@ -70,3 +70,20 @@ def test_a_bundle_localizes_without_them(tiny_bundle, synthetic_set):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("CLEAN"), done.stdout
+
+
+def pinned_opencv() -> str:
+    """The OpenCV version pyproject.toml pins for every environment."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    return re.search(r'"opencv-python-headless==([\d.]+)"', text).group(1)
+
+
+def test_opencv_is_the_pinned_version():
+    """The copy-move cue's keypoints differ between OpenCV versions: every environment runs the pinned one (the
+    serving environment checks the same in tests/serving)."""
+    import cv2
+
+    assert pinned_opencv().startswith(cv2.__version__ + "."), (cv2.__version__, pinned_opencv())

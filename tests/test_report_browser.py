@@ -198,6 +198,7 @@ def test_localize_report_keeps_the_json_lines_and_records_the_run(localized):
                and not {"width", "height", "sha256", "error"} & set(line) for line in lines)
     run = json.loads((out / "localize.json").read_text())
     assert run["settings"]["backend"] == "ort-cpu" and run["settings"]["uncertainty"] is True
+    assert run["settings"]["opencv"] == cv2.__version__  # the cue's keypoints depend on it
     by_path = {r["path"]: r for r in run["rows"]}
     assert by_path[str(src / "broken.png")]["error"].startswith(str(src / "broken.png"))
     row = by_path[str(src / "a b#1.png")]

@@ -65,6 +65,7 @@ def test_one_bad_row_answers_its_error_and_the_others_share_a_batch_with_their_o
         info = json.loads(answer["info_json"][row, 0])
         assert info["members"] == settings.get("ensemble", 2) and info["seed"] == settings["seed"]
         assert info["bundle_sha256"]["unet"] == load_bundle(tiny_bundle).graph("unet").sha256
+        assert info["opencv"] == cv2.__version__  # the cue's keypoints depend on it
     assert json.loads(answers[0]["info_json"][0, 0])["batch_images"] == 2  # seeds 1 and 2: one batch
     assert "must be an integer" in answers[3]["error"][0, 0].decode()
     assert "must be an integer" in answers[4]["error"][0, 0].decode()

@@ -211,7 +211,8 @@ class InstanceModel:
                                                         "copy_move_cue": result.model_copy_move is not None,
                                                         "regions_shown": result.regions_shown,
                                                         "bundle_sha256": self.bundle_sha256,
-                                                        "bundle_id": self.bundle_id})}
+                                                        "bundle_id": self.bundle_id,
+                                                        "opencv": cv2.__version__})}
         if "probability_png" in asked:
             row["probability_png"] = _png16(result.probability16())
         unc16 = result.uncertainty16() if "uncertainty_png" in asked else None
