@@ -194,6 +194,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True)
     c.set_defaults(handler=cue_share)
 
+    k = bench.add_parser("matching", help="the cue's k-NN matching: exact brute force vs FLANN, time and recall")
+    k.add_argument("--images", nargs="+", required=True, help="image files (or folders)")
+    k.add_argument("--out", required=True)
+    k.set_defaults(handler=matching)
+
     r = bench.add_parser("report", help="a report of many scan rows: written, then opened in headless Chromium")
     r.add_argument("--rows", type=int, default=100_000)
     r.add_argument("--work", required=True, help="a folder for the synthetic scan table and its report")
@@ -307,10 +312,15 @@ def scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rows_table(rows: list[dict], keys: tuple[str, ...]) -> str:
+    """Rows as a markdown table of ``keys``."""
+    return "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n" + "".join(
+        "| " + " | ".join(str(r[k]) for k in keys) + " |\n" for r in rows)
+
+
 def _one_row(row: dict, keys: tuple[str, ...], note: str) -> str:
     """A one-row result as a markdown table of ``keys``, then its note."""
-    return ("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(str(row[k]) for k in keys)
-            + " |\n\n" + note + "\n")
+    return _rows_table([row], keys) + "\n" + note + "\n"
 
 
 def _report(out_dir: str, stem: str, rows: object, md: str) -> None:
@@ -368,9 +378,7 @@ def decode_memory(args: argparse.Namespace) -> int:
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     rows = peak_memory_of_decoding(args.bundle, args.work, args.cases.split(","))
-    keys = ("case", "file_mib", "load_image_peak_mib", "localize_peak_mib")
-    md = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n" + "".join(
-        "| " + " | ".join(str(r[k]) for k in keys) + " |\n" for r in rows)
+    md = _rows_table(rows, ("case", "file_mib", "load_image_peak_mib", "localize_peak_mib"))
     _report(args.out, "decode_memory", rows, md + (
         f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}`. Peak resident memory (VmHWM) of a "
         "fresh process: load_image at the model's size; localize: decode, the whole call, the full-size mask and the "
@@ -522,6 +530,19 @@ def scan_driver(args: argparse.Namespace) -> int:
         "skip_pass_s: reading the input list, the table's key columns (done_index) and a stat per input joined with "
         "them (plan_work), in a fresh process whose peak resident memory (Python and pyarrow included) is "
         "peak_rss_mib; compact_s: folding the table's parts into one, as a run ends.")))
+    return 0
+
+
+def matching(args: argparse.Namespace) -> int:
+    from diffiml.benchmarks.matching import bench_matching
+    from diffiml.runtime.options import expand_inputs
+
+    rows = bench_matching(expand_inputs(args.images))
+    _report(args.out, "matching", rows, _rows_table(rows, tuple(rows[0])) + (
+        f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores). The "
+        "cue's SIFT descriptors at its working size, each image matched with itself (k = neighbours + 1); recall: "
+        "the share of the exact top 3 the approximate search finds; rows_same_in_two_runs: rows whose top 3 two "
+        "fresh FLANN indexes agree on.\n"))
     return 0
 
 

@@ -9,12 +9,13 @@ SIFT with the generalised 2-nearest-neighbour test; dense verification of each e
 correlation, as in their 2013 localization step). The cue's map is fused with the model's by a pixel-wise max
 (runtime/localizer.py), so it only ever adds regions it verified.
 
-Steps: SIFT on the grey image (and on its mirror image, so flipped copies match too); g2NN ratio test within the
-image; pairs closer than ``min_distance`` dropped; affine transforms found one at a time by RANSAC over the pairs
-(both directions); a transform is kept with ``min_inliers`` inlier pairs and a scale in (0.5, 2); for each kept
-transform T, the image is compared with itself warped by T and by T⁻¹ (normalized cross-correlation in 7×7 windows);
-where it correlates above ``ncc_threshold`` on textured pixels, in a connected region that holds an inlier keypoint,
-both the source and the copy are marked, if the two regions' noise residuals agree too.
+Steps: SIFT on the grey image (its descriptors also mirrored, by permuting their bins, so flipped copies match too);
+g2NN ratio test within the image; pairs closer than ``min_distance`` dropped; affine transforms found one at a time
+by RANSAC over the pairs (both directions); a transform is kept with ``min_inliers`` inlier pairs and a scale in
+(0.5, 2); for each kept transform T, the image is compared with itself warped by T and by T⁻¹ (normalized cross-
+correlation in 7×7 windows); where it correlates above ``ncc_threshold`` on textured pixels, in a connected region
+that holds an inlier keypoint, both the source and the copy are marked, if the two regions' noise residuals agree
+too.
 
 Why the residual check: a repeated window, tile or leaf correlates with its neighbour as image content, but its
 sensor noise and JPEG rounding are its own. A copied region carries its source's high-frequency residual pixel for
@@ -134,6 +135,14 @@ def _g2nn(query: np.ndarray, train: np.ndarray, ratio: float, k: int, same: bool
     return out
 
 
+# SIFT's descriptor is 4 x 4 cells (rows across the keypoint's orientation, columns along it) x 8 orientation bins.
+# Mirroring the image mirrors each keypoint's orientation (angle -> 180 - angle), and in the keypoint's own frame the
+# patch is reflected across its orientation axis: the cell rows reverse, and a gradient at relative angle phi lands at
+# -phi (bin o -> -o mod 8). So the mirror image's descriptors are these columns of the image's own, with no second
+# SIFT pass (tests/test_copy_move.py checks them against SIFT run on the mirror image).
+MIRROR_BINS = np.arange(128).reshape(4, 4, 8)[::-1][:, :, (-np.arange(8)) % 8].reshape(-1)
+
+
 def keypoint_pairs(gray: np.ndarray, cue: CopyMoveCue) -> np.ndarray:
     """(P, 2, 2) float32: matched keypoint positions (x, y) within the image, mirrored matches included."""
     sift = cv2.SIFT_create(nfeatures=cue.max_keypoints, contrastThreshold=cue.contrast_threshold)
@@ -143,11 +152,8 @@ def keypoint_pairs(gray: np.ndarray, cue: CopyMoveCue) -> np.ndarray:
     pts = np.float32([kp.pt for kp in keypoints])
     pairs = [(pts[i], pts[j]) for i, j in _g2nn(desc, desc, cue.ratio, cue.neighbours, same=True)]
     if cue.flips:  # SIFT descriptors are not mirror-invariant: match against the mirrored image's
-        mirrored, mdesc = sift.detectAndCompute(np.ascontiguousarray(gray[:, ::-1]), None)
-        if mdesc is not None and len(mirrored) >= 3:
-            mpts = np.float32([kp.pt for kp in mirrored])
-            mpts[:, 0] = gray.shape[1] - 1 - mpts[:, 0]
-            pairs += [(pts[i], mpts[j]) for i, j in _g2nn(desc, mdesc, cue.ratio, cue.neighbours, same=False)]
+        mirrored = desc[:, MIRROR_BINS]  # what SIFT computes on the mirror image at each keypoint's mirror
+        pairs += [(pts[i], pts[j]) for i, j in _g2nn(desc, mirrored, cue.ratio, cue.neighbours, same=False)]
     if not pairs:
         return np.zeros((0, 2, 2), np.float32)
     arr = np.array(pairs, np.float32)

@@ -63,6 +63,26 @@ def test_mirrored_copies_need_the_mirrored_descriptors() -> None:
     assert pixel_f1(find_copy_moves(forged, replace(CopyMoveCue(), flips=False)).mask.astype(bool), truth) < 0.3
 
 
+def test_permuted_bins_are_what_sift_computes_on_the_mirror_image() -> None:
+    """MIRROR_BINS stands in for a second SIFT pass: at each keypoint's mirror (angle 180 - a), SIFT on the mirrored
+    image gives the permuted descriptor up to resampling, far closer than any other descriptor of the image."""
+    from diffiml.runtime.copy_move import MIRROR_BINS
+
+    gray = cv2.cvtColor(_texture(4), cv2.COLOR_RGB2GRAY)
+    sift = cv2.SIFT_create(nfeatures=300)
+    keypoints, desc = sift.detectAndCompute(gray, None)
+    width = gray.shape[1]
+    mirrored = [cv2.KeyPoint(width - 1 - k.pt[0], k.pt[1], k.size, (180 - k.angle) % 360, k.response, k.octave)
+                for k in keypoints]
+    kept, on_mirror = sift.compute(np.ascontiguousarray(gray[:, ::-1]), mirrored)
+    assert len(kept) == len(keypoints)
+    permuted = desc[:, MIRROR_BINS]
+    own = np.linalg.norm(permuted - on_mirror, axis=1)
+    nearest_other = np.sort(np.linalg.norm(permuted[:, None] - on_mirror[None], axis=2), axis=1)[:, 1]
+    assert np.median(own) < 0.25 * np.median(nearest_other)
+    assert np.mean(own < nearest_other) > 0.95
+
+
 def test_grey_images_are_read_as_they_are() -> None:
     forged, truth = _copy(_texture(7), (30, 40), (170, 190), 90)
     grey = cv2.cvtColor(forged, cv2.COLOR_RGB2GRAY)
