@@ -56,6 +56,12 @@ def test_a_frame_header_past_64_kib_of_metadata_is_found():
     decoded = load_image(big)
     assert (decoded.width, decoded.height) == (64, 48)
     assert np.abs(decoded.rgb.astype(int) - load_image(_jpeg(image)).rgb).max() == 0
+    frame = jpeg_frame(np.frombuffer(big, np.uint8))
+    assert frame is not None and (frame.width, frame.height) == (64, 48)
+    # and the progressive limit, which reads the frame header, still sees it there
+    huge = _with_app_segments(_claiming(_jpeg(image, progressive=True), 24000), 200_000)
+    with pytest.raises(ImageDecodeError, match="progressive JPEG"):
+        load_image(huge, 512)
 
 
 def test_the_frame_header_says_progressive_and_its_sampling():

@@ -146,3 +146,25 @@ def test_flags_read_every_spelling_a_client_sends(tiny_bundle, value, expected):
     from diffiml.runtime.serving.server import parse_settings
 
     assert parse_settings({"uncertainty": value}, load_bundle(tiny_bundle)).uncertainty is expected
+
+
+def test_a_batch_over_the_decoded_memory_budget_runs_in_parts_and_every_row_is_answered(tiny_bundle, monkeypatch):
+    from diffiml.runtime.serving import server
+
+    bundle = load_bundle(tiny_bundle)
+    model = InstanceModel(bundle, open_backend(bundle, "ort-cpu"))
+    one_image = 40 * 56 * 3
+    monkeypatch.setattr(server, "BATCH_DECODED_BUDGET", 2 * one_image)  # two decoded rows at a time
+    batches = []
+    real = Localizer.localize_batch
+
+    def recording(self, images, seeds=None):
+        batches.append(len(images))
+        return real(self, images, seeds=seeds)
+
+    monkeypatch.setattr(Localizer, "localize_batch", recording)
+    answers = model([Request([_png(i) for i in range(3)], {"seed": 4, "raw": True}), Request([_png(3)], {"seed": 4})])
+    assert batches == [2, 2]
+    assert all(not a["error"][r, 0] for a in answers for r in range(a["error"].shape[0]))
+    alone = _local(tiny_bundle, _png(2), seed=4, steps=bundle.default_steps, ensemble=bundle.default_ensemble)
+    assert np.allclose(answers[0]["raw_probability"][2], alone, atol=1e-5)

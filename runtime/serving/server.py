@@ -46,6 +46,9 @@ from diffiml.runtime.serving.stats import ServeStats, start_stats_server
 log = logging.getLogger(__name__)
 LOCALIZER_CACHE = 64  # Localizers (settings) kept per instance
 MAX_ENSEMBLE = 64  # a request may not ask for more members than this (memory and time of one batch)
+# Decoded pixels one call holds before it runs them: a batch of eight 100 MP TIFFs would hold 2.4 GB at once, so
+# rows past this run as a batch of their own after the ones before are answered and freed.
+BATCH_DECODED_BUDGET = 512 << 20
 OUTPUT_NAMES = ("score", "manipulated_fraction", "probability_png", "uncertainty_png", "raw_probability",
                 "raw_uncertainty", "info_json", "error")
 _INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
@@ -132,6 +135,7 @@ class InstanceModel:
     def __call__(self, requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows: list[list[dict[str, Any]]] = []
         groups: dict[tuple[int, int, bool], list[tuple[dict[str, Any], DecodedImage, Settings, Any]]] = {}
+        held = 0  # bytes of decoded pixels waiting for inference
         for request in requests:
             request_rows: list[dict[str, Any]] = []
             rows.append(request_rows)
@@ -150,7 +154,17 @@ class InstanceModel:
                 except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's
                     self._fail([row], "decode", exc)
                     continue
+                if groups and held + decoded.rgb.nbytes > BATCH_DECODED_BUDGET:
+                    self._run_groups(groups)  # the batch's memory budget: what is decoded runs before more is
+                    groups, held = {}, 0
                 groups.setdefault(settings.batch_key, []).append((row, decoded, settings, wanted))
+                held += decoded.rgb.nbytes
+        self._run_groups(groups)
+        return [self._stack(request_rows) for request_rows in rows]
+
+    def _run_groups(self, groups: dict[tuple[int, int, bool], list[tuple[dict[str, Any], DecodedImage, Settings,
+                                                                          Any]]]) -> None:
+        """Inference and encoding for each group of rows with the same settings, one batch per group."""
         for members in groups.values():
             try:
                 localizer = self.localizer(members[0][2])
@@ -162,7 +176,6 @@ class InstanceModel:
                 continue
             for member, result in zip(members, results, strict=True):
                 self._encode_row(member, result, len(members))
-        return [self._stack(request_rows) for request_rows in rows]
 
     def _run_rows(self, members: list[tuple[dict[str, Any], DecodedImage, Settings, Any]], batch: int) -> None:
         """Inference for ``members`` as one batch; a failure fails these rows only."""
