@@ -10,7 +10,7 @@ are encoded (the PNGs are the costly part).
 
 PyTriton fails a whole batch when its callable raises, so nothing a row brings may raise: each row carries an
 ``error`` output, empty when the row succeeded, and its neighbours are answered as if it were not there. A client
-treats a non-empty ``error`` as that image's failure; failures are counted on the stats port (``serving_stats``).
+treats a non-empty ``error`` as that image's failure; failures are counted on the stats port (``stats.py``).
 Every answer's ``info_json`` names the bundle (its id: the manifest's sha256; and its graphs' sha256) and the
 ensemble members used.
 
