@@ -318,6 +318,12 @@ def _rows_table(rows: list[dict], keys: tuple[str, ...]) -> str:
         "| " + " | ".join(str(r[k]) for k in keys) + " |\n" for r in rows)
 
 
+def _measured(detail: str = "") -> str:
+    """The head of a benchmark's note: the date, the command as typed, this machine's cores (and ``detail``)."""
+    command = " ".join(sys.argv[1:])
+    return f"Measured {date.today().isoformat()}: `diffiml {command}` ({os.cpu_count()} CPU cores{detail})"
+
+
 def _one_row(row: dict, keys: tuple[str, ...], note: str) -> str:
     """A one-row result as a markdown table of ``keys``, then its note."""
     return _rows_table([row], keys) + "\n" + note + "\n"
@@ -526,7 +532,7 @@ def scan_driver(args: argparse.Namespace) -> int:
 
     row = bench_scan_driver(Path(args.work), args.rows)
     _report(args.out, "scan_driver", row, _one_row(row, SHOWN, (
-        f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores). "
+        _measured() + ". "
         "skip_pass_s: reading the input list, the table's key columns (done_index) and a stat per input joined with "
         "them (plan_work), in a fresh process whose peak resident memory (Python and pyarrow included) is "
         "peak_rss_mib; compact_s: folding the table's parts into one, as a run ends.")))
@@ -539,7 +545,7 @@ def matching(args: argparse.Namespace) -> int:
 
     rows = bench_matching(expand_inputs(args.images))
     _report(args.out, "matching", rows, _rows_table(rows, tuple(rows[0])) + (
-        f"\nMeasured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores). The "
+        "\n" + _measured() + ". The "
         "cue's SIFT descriptors at its working size, each image matched with itself (k = neighbours + 1); recall: "
         "the share of the exact top 3 the approximate search finds; rows_same_in_two_runs: rows whose top 3 two "
         "fresh FLANN indexes agree on.\n"))
@@ -551,10 +557,11 @@ def report_load(args: argparse.Namespace) -> int:
 
     row = bench_report(Path(args.work), args.rows)
     _report(args.out, "report_load", row, _one_row(row, tuple(row), (
-        f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores). "
-        "write_s: `diffiml report` on a synthetic scan table (2 % failed, no maps); writer_peak_rss_mib: the peak "
-        "resident memory of that process; first_screen_ms: from navigation to the first 100 rows drawn in headless "
-        "Chromium, median of 3 fresh tabs; last_page_ms: turning to the last page (another row file).")))
+        _measured() + ". "
+        "write_s: `diffiml report`'s writer on a synthetic scan table (2 % failed, no maps), in a fresh process "
+        "whose peak resident memory (VmHWM) is writer_peak_rss_mib; first_screen_ms: from navigation to the first "
+        "100 rows drawn in headless Chromium, median of 3 fresh tabs; last_page_ms: turning to the last page "
+        "(another row file).")))
     return 0
 
 
@@ -565,8 +572,8 @@ def cue_share(args: argparse.Namespace) -> int:
     images = expand_inputs(args.images)
     row = bench_cue_share(args.bundle, images, args.rounds)
     _report(args.out, "cue_share", row, _one_row(row, tuple(row), (
-        f"Measured {date.today().isoformat()}: `diffiml {' '.join(sys.argv[1:])}` ({os.cpu_count()} CPU cores, "
-        "ort-cpu, the bundle's default steps and ensemble). with/without_cue_ms: wall time per image of Localizer."
-        "localize on decoded images, median over alternating rounds; cue_share_pct: the difference as a share of the "
+        _measured(", ort-cpu, the bundle's default steps and ensemble")
+        + ". with/without_cue_ms: wall time per image of Localizer.localize on decoded images, median over "
+        "alternating rounds; cue_share_pct: the difference as a share of the "
         "call with the cue; cue_own_ms: the cue's own time per image (median), most of it beside the graphs.")))
     return 0

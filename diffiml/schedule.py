@@ -59,12 +59,9 @@ class DdimPlan:
 
 
 def ddim_plan(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DdimPlan:
-    acp = alphas_cumprod(num_train_timesteps)
-    timesteps = respaced_timesteps(steps, num_train_timesteps)
-    ratio = num_train_timesteps // steps
-    prev = timesteps - ratio
-    a_prev = np.where(prev >= 0, acp[np.clip(prev, 0, None)], 1.0)  # set_alpha_to_one=True
-    return _plan(timesteps, acp[timesteps], a_prev)
+    """The DDIM plan of ``steps`` respaced timesteps (diffusers' "leading" spacing, ``set_alpha_to_one``): each step
+    lands on the next timestep, the last on the clean latent."""
+    return plan_through(respaced_timesteps(steps, num_train_timesteps), num_train_timesteps)
 
 
 def plan_through(timesteps: list[int] | np.ndarray, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DdimPlan:
@@ -75,14 +72,10 @@ def plan_through(timesteps: list[int] | np.ndarray, num_train_timesteps: int = N
     if ts.ndim != 1 or not len(ts) or np.any(np.diff(ts) >= 0) or ts[-1] < 0 or ts[0] >= num_train_timesteps:
         raise ValueError(f"timesteps must descend within [0, {num_train_timesteps}), got {ts.tolist()}")
     acp = alphas_cumprod(num_train_timesteps)
-    a_prev = np.append(acp[ts[1:]], 1.0)
-    return _plan(ts, acp[ts], a_prev)
-
-
-def _plan(timesteps: np.ndarray, a_t: np.ndarray, a_prev: np.ndarray) -> DdimPlan:
+    a_t, a_prev = acp[ts], np.append(acp[ts[1:]], 1.0)
     coef_xt = np.sqrt(1.0 - a_prev) / np.sqrt(1.0 - a_t)
     f32 = np.float32
-    return DdimPlan(timesteps, np.sqrt(a_prev).astype(f32), coef_xt.astype(f32), np.sqrt(a_t).astype(f32))
+    return DdimPlan(ts, np.sqrt(a_prev).astype(f32), coef_xt.astype(f32), np.sqrt(a_t).astype(f32))
 
 
 def ensemble_noise(seed: int, members: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -116,12 +116,13 @@ def localize(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise DiffimlError("no input images matched")
-    apply_fast(args)
     if args.server is not None:
-        if args.reference is not None or args.tta or not args.copy_move or args.follow_decision:
-            raise DiffimlError("--server runs the server's bundle: --reference, --tta, --no-copy-move and "
-                               "--follow-decision are local only (serve --follow-decision sets it for the server)")
+        if args.reference is not None or args.tta or not args.copy_move or args.follow_decision or args.fast:
+            raise DiffimlError("--server runs the server's bundle: --reference, --tta, --no-copy-move, --fast and "
+                               "--follow-decision are local only (serve --follow-decision sets it for the server; "
+                               "--steps and --ensemble choose the server's mode)")
         return _localize_on_server(args, paths)
+    apply_fast(args)
     if args.reference is not None:
         open_reference = getattr(args, "open_reference", None)  # plugged in by diffiml.export.commands
         if open_reference is None:
@@ -139,14 +140,16 @@ def localize(args: argparse.Namespace) -> int:
                                    copy_move=args.copy_move, follow_decision=args.follow_decision)
     out = output_folder(args.out)
 
+    bundle_id = localizer.bundle.bundle_id  # a hash of the manifest: once, not per image
+
     def one(path: Path):  # noqa: ANN202 - (result, overlay image, backend label, bundle id)
         decoded = load_image(path, localizer.bundle.image_size)
-        return localizer.localize(decoded), decoded.rgb, localizer.backend, localizer.bundle.bundle_id
+        return localizer.localize(decoded), decoded.rgb, localizer.backend, bundle_id
 
     import cv2  # its version decides the copy-move cue's keypoints: recorded with the run
 
     with localizer:
-        settings = {"bundle": args.bundle, "bundle_id": localizer.bundle.bundle_id, "backend": localizer.backend,
+        settings = {"bundle": args.bundle, "bundle_id": bundle_id, "backend": localizer.backend,
                     "precision": args.precision,
                     "ensemble": f"auto:{localizer.ensemble}" if localizer.adaptive else localizer.ensemble,
                     "steps": localizer.steps, "seed": localizer.seed, "tta": localizer.tta,

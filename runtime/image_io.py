@@ -82,14 +82,11 @@ def jpeg_frame(data: np.ndarray) -> JpegFrame | None:
     return None
 
 
-def _header_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header, without decoding the pixels."""
+def _png_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR, without decoding the pixels."""
     raw = data[:24].tobytes()
     if raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24:
         return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
-    if raw[:2] == b"\xff\xd8":
-        frame = jpeg_frame(data)
-        return None if frame is None else (frame.width, frame.height)
     return None
 
 
@@ -124,7 +121,7 @@ def _decode(data: np.ndarray, flag: int, name: str) -> np.ndarray:
 def png_significant_bits(data: np.ndarray | bytes) -> int | None:
     """The largest per-channel depth a PNG's sBIT chunk declares (e.g. 12 for 12-bit data stored in 16-bit samples),
     or None: not a PNG, or no sBIT before the image data."""
-    raw = bytes(data[:1 << 16]) if isinstance(data, np.ndarray) else bytes(data[:1 << 16])
+    raw = bytes(data[:1 << 16])
     if raw[:8] != b"\x89PNG\r\n\x1a\n":
         return None
     at = 8
@@ -142,19 +139,19 @@ def png_significant_bits(data: np.ndarray | bytes) -> int | None:
 def sample_bits(a: np.ndarray, declared: int | None = None) -> int:
     """How many of a uint16 image's bits carry data: the file's own declaration (sBIT), else the smallest of 8, 10,
     12, 14 and 16 that holds its largest value, so 10- and 12-bit camera and scanner data are not read as nearly
-    black (``>> 8`` maps 0-4095 to 0-15)."""
-    if declared:
-        return declared
+    black (``>> 8`` maps 0-4095 to 0-15). A declared depth the values exceed means samples scaled up to 16 bits, as
+    the PNG specification has writers store them: their top byte is right."""
     top = int(a.max()) if a.size else 0
+    if declared:
+        return declared if top < (1 << declared) else 16
     return next(b for b in (8, 10, 12, 14, 16) if top < (1 << b))
 
 
 def _uint16_to_8(a: np.ndarray, bits: int) -> np.ndarray:
     """uint16 samples of ``bits`` significant bits -> uint8 full range, rounded (16 bits: the top byte); in strips of
     rows, so a 100 MP image never holds a wider copy than a strip. The 3-channel result is contiguous."""
-    channels = a.shape[2] if a.ndim == 3 else 1
-    if a.ndim == 3 and channels == 4:
-        a, channels = a[..., :3], 3
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]
     out = np.empty(a.shape, np.uint8)
     top = (1 << bits) - 1
     step = max(1, (1 << 22) // max(1, a[0].size))
@@ -233,7 +230,8 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
         raise ImageDecodeError(f"{name}: empty file")
     is_jpeg = data[:2].tobytes() == b"\xff\xd8"
     reducible = is_jpeg or _png_is_plain_rgb8(data)
-    size = _header_size(data) or _pillow_size(header, name)
+    frame = jpeg_frame(data) if is_jpeg else None
+    size = ((frame.width, frame.height) if frame else _png_size(data)) or _pillow_size(header, name)
     if size is None:
         raise ImageDecodeError(f"{name}: not a decodable image (corrupt, truncated or unsupported format: its size "
                                "could not be read before decoding)")
@@ -241,13 +239,11 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
     if size[0] * size[1] > limit:
         raise ImageDecodeError(f"{name}: {size[0]}x{size[1]} pixels exceeds the limit of {limit:,} pixels"
                                + ("" if reducible else " for this format (JPEG and 8-bit PNG may be larger)"))
-    if is_jpeg:
-        frame = jpeg_frame(data)
-        if frame is not None and frame.progressive and frame.coefficient_bytes() > MAX_PROGRESSIVE_COEFFICIENT_BYTES:
-            raise ImageDecodeError(
-                f"{name}: {size[0]}x{size[1]} pixels exceeds the limit for a progressive JPEG (its decoder holds "
-                f"{frame.coefficient_bytes() / 2**30:.1f} GiB of coefficients; at most "
-                f"{MAX_PROGRESSIVE_COEFFICIENT_BYTES / 2**30:.2f} GiB): re-encode it as a baseline JPEG")
+    if frame is not None and frame.progressive and frame.coefficient_bytes() > MAX_PROGRESSIVE_COEFFICIENT_BYTES:
+        raise ImageDecodeError(
+            f"{name}: {size[0]}x{size[1]} pixels exceeds the limit for a progressive JPEG (its decoder holds "
+            f"{frame.coefficient_bytes() / 2**30:.1f} GiB of coefficients; at most "
+            f"{MAX_PROGRESSIVE_COEFFICIENT_BYTES / 2**30:.2f} GiB): re-encode it as a baseline JPEG")
     if reducible:
         # 8-bit color: IMREAD_COLOR applies the EXIF orientation and turns CMYK JPEGs into BGR.
         reduce = 1
@@ -256,20 +252,18 @@ def load_image(source: ImageInput, model_size: int | None = None) -> DecodedImag
                 reduce *= 2
         if reduce > 1 and not is_jpeg:  # OpenCV would decode a PNG whole, then reduce it
             rgb = _png_shrunk(data, reduce, name)
-            return DecodedImage(rgb, size[1], size[0])
-        flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
-        decoded = _decode(data, flag, name)
-        rgb = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-        del decoded
+        else:
+            flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                    8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+            rgb = cv2.cvtColor(_decode(data, flag, name), cv2.COLOR_BGR2RGB)
         if reduce == 1:
             return DecodedImage(rgb, rgb.shape[0], rgb.shape[1])
         # An EXIF rotation swaps the header's width and height; follow the decoded aspect.
         w, h = size if (rgb.shape[1] >= rgb.shape[0]) == (size[0] >= size[1]) else size[::-1]
         return DecodedImage(rgb, h, w)
     decoded = _decode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH, name)
-    if decoded.ndim == 3 and decoded.shape[2] == 2:
-        raise ImageDecodeError(f"{name}: unsupported pixel layout (2 channels)")
+    if decoded.ndim == 3 and decoded.shape[2] not in (1, 3, 4):
+        raise ImageDecodeError(f"{name}: unsupported pixel layout ({decoded.shape[2]} channels)")
     color = decoded[..., :3] if decoded.ndim == 3 else decoded  # an opaque alpha channel is all ones
     bits = sample_bits(color, png_significant_bits(data)) if decoded.dtype == np.uint16 else 16
     if decoded.ndim == 3 and decoded.shape[2] >= 3:
@@ -288,6 +282,8 @@ def _png_shrunk(data: np.ndarray, reduce: int, name: str) -> np.ndarray:
     try:
         source = pyvips.Source.new_from_memory(data)  # the encoded bytes already read, not copied
         image = pyvips.Image.new_from_source(source, "", access="sequential", fail=True)
+        if image.bands == 4:  # a tRNS chunk gives an RGB PNG an alpha band; the colour is what the model reads
+            image = image.extract_band(0, n=3)
         if image.bands != 3 or image.format != "uchar":
             raise ImageDecodeError(f"{name}: not a decodable image (unexpected PNG layout)")
         small = image.shrink(reduce, reduce)

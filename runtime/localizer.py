@@ -199,7 +199,10 @@ class Localizer:
         self.copy_move = bundle.copy_move_cue if copy_move else None
         self.detector = bundle.detector
         self.follow_decision = follow_decision
-        self._cues: ThreadPoolExecutor | None = None
+        # one worker thread for the copy-move cue (made now: threads sharing this Localizer must not race to make it;
+        # its thread starts on first use)
+        self._cues = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffiml-cue") \
+            if self.copy_move is not None else None
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
@@ -233,7 +236,6 @@ class Localizer:
         it; a backend shared with other Localizers is left to its owner. Idempotent."""
         if self._cues is not None:
             self._cues.shutdown(wait=True)
-            self._cues = None
         if self._owns_backend:
             self._backend.close()
 
@@ -256,11 +258,11 @@ class Localizer:
         size = self.bundle.image_size
         decoded = [im if isinstance(im, DecodedImage) else load_image(im, size) for im in images]
         t1 = time.perf_counter()
-        x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
         # The cue starts first, in its own thread (OpenCV and onnxruntime release the GIL): its time hides behind
-        # the graphs' instead of adding to it.
-        cues = [self._cue_pool().submit(copy_move_probability, d.rgb, self.copy_move, size) for d in decoded] \
-            if self.copy_move is not None else None
+        # the preprocessing's and the graphs' where a core is free.
+        cues = [self._cues.submit(copy_move_probability, d.rgb, self.copy_move, size) for d in decoded] \
+            if self._cues is not None else None
+        x = preprocess([d.rgb for d in decoded], size, self.bundle.mean, self.bundle.std, self.bundle.scale)
         t2 = time.perf_counter()
         prob, unc, stage, members, spread, pooled = self._infer(x, seeds)
         t3 = time.perf_counter()
@@ -297,12 +299,6 @@ class Localizer:
                             "decision": decision_seconds[i] * 1000.0,
                             "postprocess": (t4 - t3 - waited - sum(decision_seconds)) * per_image}
         return results
-
-    def _cue_pool(self) -> ThreadPoolExecutor:
-        """One worker thread for the copy-move cue, made on first use and kept (``close`` ends it)."""
-        if self._cues is None:
-            self._cues = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffiml-cue")
-        return self._cues
 
     def _noise_blocks(self, seed: int) -> np.ndarray:
         """(1 or 2, N, 8, h, w): the plain pass's draws, then the flipped pass's (TTA)."""

@@ -30,7 +30,7 @@ def add_localizer_options(parser: argparse.ArgumentParser, served: bool = False)
         parser.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
         parser.add_argument("--uncertainty", action="store_true", help="also write the ensemble's per-pixel spread")
         parser.add_argument("--seed", type=int, default=0)
-    why = "it costs 0.1-0.6 s of CPU per image" if served else "the score-based model's map alone"
+    why = "it costs 0.2-0.6 s of CPU per image" if served else "the score-based model's map alone"
     add_copy_move_option(parser, why)
     add_follow_decision_option(parser)
 

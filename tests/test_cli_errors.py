@@ -69,3 +69,11 @@ def test_a_corrupt_image_beside_a_good_one_fails_alone(tiny_bundle, good_image, 
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert any(line.startswith("diffiml localize: ") and str(bad) in line for line in done.stderr.splitlines())
     assert (tmp_path / "out" / "good_mask.png").is_file() and not (tmp_path / "out" / "bad_mask.png").exists()
+
+
+def test_fast_with_a_server_is_refused_before_any_local_bundle_is_read(good_image, tmp_path):
+    """The server runs its own bundle: --fast must not read (or need) a local one and send its step count."""
+    done = _run("localize", str(good_image), "--out", str(tmp_path / "out"), "--server", "http://127.0.0.1:9",
+                "--fast", "--bundle", str(tmp_path / "no-such-bundle"))
+    _assert_one_line_error(done, "localize")
+    assert "--fast" in done.stderr and "local only" in done.stderr and "no-such-bundle" not in done.stderr

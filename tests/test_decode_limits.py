@@ -139,3 +139,35 @@ def test_a_huge_mask_is_thresholded_in_strips_like_the_exact_one(monkeypatch):
     stripped = result.mask
     assert calls == [] and stripped.shape == exact.shape and stripped.dtype == bool
     assert 0.2 < exact.mean() < 0.8 and (stripped != exact).mean() < 1e-4
+
+
+def _pillow_png(image: np.ndarray, **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+def test_a_reduced_png_turned_by_exif_reports_its_turned_size():
+    """Orientation 6 (a quarter turn): the reduced libvips decode and the whole OpenCV decode agree on the size."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    png = _pillow_png(_photo(64, 128, seed=5), exif=exif.tobytes())
+    whole, reduced = load_image(png), load_image(png, 8)
+    assert (whole.height, whole.width) == (128, 64) == whole.rgb.shape[:2]
+    assert (reduced.height, reduced.width) == (128, 64)
+    assert reduced.rgb.shape[0] > reduced.rgb.shape[1]
+
+
+def test_a_reduced_png_with_a_transparent_colour_is_read_as_its_colour():
+    image = _photo(256, 320, seed=6)
+    png = _pillow_png(image, transparency=(0, 0, 0))  # a tRNS chunk: libvips adds an alpha band
+    assert b"tRNS" in png
+    reduced = load_image(png, 16)
+    expected = cv2.resize(image, (reduced.rgb.shape[1], reduced.rgb.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.rgb.astype(int) - expected).max() <= 1

@@ -45,3 +45,12 @@ def test_full_sixteen_bit_data_keeps_its_top_byte():
 def test_an_opaque_alpha_channel_does_not_hide_the_colour_depth():
     rgba = np.dstack([np.full((16, 16, 3), 4095), np.full((16, 16), 65535)])  # 12-bit colour, 16-bit opaque alpha
     assert load_image(_png16(rgba)).rgb.max() == 255
+
+
+def test_samples_scaled_to_sixteen_bits_as_the_png_specification_asks_keep_their_top_byte():
+    """sBIT 12 over values that use all 16 bits (each 12-bit value v stored as v << 4 | v >> 8): the top byte is
+    right, and scaling them as 12-bit values would saturate nearly every pixel."""
+    v12 = np.linspace(0, 4095, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint16)
+    stored = (v12 << 4) | (v12 >> 8)
+    rgb = load_image(_with_sbit(_png16(stored), 12)).rgb
+    assert np.array_equal(rgb, (stored[..., ::-1] >> 8).astype(np.uint8))

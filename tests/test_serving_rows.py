@@ -168,3 +168,38 @@ def test_a_batch_over_the_decoded_memory_budget_runs_in_parts_and_every_row_is_a
     assert all(not a["error"][r, 0] for a in answers for r in range(a["error"].shape[0]))
     alone = _local(tiny_bundle, _png(2), seed=4, steps=bundle.default_steps, ensemble=bundle.default_ensemble)
     assert np.allclose(answers[0]["raw_probability"][2], alone, atol=1e-5)
+
+
+def test_a_row_whose_outputs_cannot_be_encoded_fails_alone_and_is_counted(tiny_bundle, monkeypatch):
+    """An encoding failure (injected for one row) answers that row's error, the others their outputs, and the stats
+    port counts it under "encode" (a kind the counters lacked: the KeyError failed the whole batch)."""
+    bundle = load_bundle(tiny_bundle)
+    model = InstanceModel(bundle, open_backend(bundle, "ort-cpu"))
+    real = model._encode
+
+    def poisoned(result, settings, batch, wanted):
+        if result.width == 57:
+            raise ValueError("injected")
+        return real(result, settings, batch, wanted)
+
+    monkeypatch.setattr(model, "_encode", poisoned)
+    odd = cv2.imencode(".png", np.zeros((40, 57, 3), np.uint8))[1].tobytes()
+    answers = model([Request([_png(0), odd, _png(1)], {"seed": 1})])
+    errors = [e[0].decode() for e in answers[0]["error"]]
+    assert errors[0] == errors[2] == "" and errors[1] == "encode failed: injected"
+    assert 'diffiml_row_failures_total{kind="encode"} 1' in model.stats.prometheus()
+
+
+def test_a_failing_row_alone_runs_its_inference_once(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    model = InstanceModel(bundle, open_backend(bundle, "ort-cpu"))
+    calls = []
+
+    class Failing:
+        def localize_batch(self, images, seeds=None):
+            calls.append(len(images))
+            raise MemoryError("injected")
+
+    model.localizer = lambda s: Failing()
+    answers = model([Request([_png(0)], {"seed": 1})])
+    assert calls == [1] and "injected" in answers[0]["error"][0, 0].decode()

@@ -134,9 +134,12 @@ def render_report(out_dir: str | Path, settings: dict[str, Any], rows: Any, titl
     pages.remove_stale()
     settings = {k: shown(v) if k == "bundle" else v for k, v in settings.items()}
     title = title or f"diffiml report: {out_dir.resolve().name}"
+    # settings a run did not record are read off its rows: all of a localize run's, a scan's first file (a scan
+    # records them all)
+    from_rows = ranked if isinstance(ranked, list) else first_rows
     index = {"page_size": page_size, "chunk": chunk, "dir": ROWS_DIR, "version": pages.version,
              "counts": {s: pages.count(s) for s in SERIES}}
-    page = PAGE.format(title=_esc(title), style=STYLE, settings=_settings_html(settings, first_rows),
+    page = PAGE.format(title=_esc(title), style=STYLE, settings=_settings_html(settings, from_rows),
                        done=len(ranked), failed=len(failed),
                        failures=_failures_html(first_failures[:page_size], len(failed)),
                        data=_script_json(json.dumps(index, separators=(",", ":"))),
@@ -367,7 +370,7 @@ def _href(rel: str | None) -> str | None:
 
 def _page_row(rank: int, row: dict[str, Any], maps: dict[str, str], thumbs: tuple[str | None, str | None],
               views: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
-    """One ranked row as the page's script reads it (short keys: 10 000 of them travel inside the page)."""
+    """One ranked row as the page's script reads it (short keys: a row file holds 1000 of them)."""
     def number(key: str) -> float | None:
         value = row.get(key)
         return round(float(value), 6) if isinstance(value, int | float) and math.isfinite(value) else None

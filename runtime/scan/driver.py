@@ -120,7 +120,7 @@ def _entry_sha256(entry: Any) -> str | None:
 
 def plan_work(inputs: list[str], done: Any, verify: bool = False) -> tuple[Any, int]:
     """(work, skipped): the inputs to send to Ray as a table (path_bytes, done_sha256), in the order given, and how
-    many were skipped for a final row of the same key, size and mtime. ``done``: ``scan_table.done_index``. Local
+    many were skipped for a final row of the same key, size and mtime. ``done``: ``table.done_index``. Local
     files are stat'ed here (about 5 us each); URIs always go to the read stage, which skips them by sha256."""
     import numpy as np
     import pyarrow as pa
@@ -164,7 +164,8 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
     from diffiml.runtime.scan.worker import ScanWorker, read_batch
 
     summary = ScanSummary(inputs=len(inputs))
-    work, summary.skipped = plan_work(inputs, done_index(out), verify)
+    work, planned_skips = plan_work(inputs, done_index(out), verify)
+    summary.skipped = planned_skips
     if not log.isEnabledFor(logging.DEBUG):  # Ray Data's notices stay in its log file, off the terminal
         for handler in logging.getLogger("ray.data").handlers:
             if type(handler).__name__ != "SessionFileHandler":
@@ -199,7 +200,7 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
                                                        "maps_dir": str(out.resolve() / "maps")},
                                 num_cpus=layout.actor_cpus, num_gpus=layout.actor_gpus or None)
             # Ray Data's actor pools restart a dead actor and run its batches again (max_restarts=-1 by default); an
-            # input that keeps killing its actor is stopped by the worker's own count (scan_worker.MAX_ATTEMPTS).
+            # input that keeps killing its actor is stopped by the worker's own count (worker.MAX_ATTEMPTS).
             # prefetch_batches=0: a batch reaches the table as soon as its actor is done.
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 fresh = batch.filter(pc.invert(batch.column("skip"))).drop_columns(["skip"])
@@ -220,7 +221,7 @@ def run_scan(inputs: list[str], out: Path, settings: dict[str, Any], layout: Lay
         compact(out, settings["run_id"])
     except ray.exceptions.RayError as exc:
         flush()
-        raise DiffimlError(f"the Ray job stopped after {summary.skipped + seen} of {len(inputs)} inputs: "
+        raise DiffimlError(f"the Ray job stopped after {planned_skips + seen} of {len(inputs)} inputs: "
                            f"{_cause(exc)} (the rows so far are kept; a rerun into the same --out does the rest)"
                            ) from None
     finally:

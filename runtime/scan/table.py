@@ -39,7 +39,6 @@ Columns (one row per input and run; JSON columns are strings):
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -213,8 +212,3 @@ def compact(out_dir: str | Path, run_id: str) -> Path | None:
         if path != target:
             path.unlink(missing_ok=True)
     return target
-
-
-def outputs_of(row: dict[str, Any]) -> dict[str, str]:
-    """A row's {kind: path relative to the scan folder}."""
-    return json.loads(row["outputs"] or "{}")

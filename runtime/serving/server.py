@@ -164,31 +164,30 @@ class InstanceModel:
 
     def _run_groups(self, groups: dict[tuple[int, int, bool], list[tuple[dict[str, Any], DecodedImage, Settings,
                                                                           Any]]]) -> None:
-        """Inference and encoding for each group of rows with the same settings, one batch per group."""
+        """Each group of rows with the same settings as one batch; when that batch fails, each row alone, so one
+        row's failure stays that row's."""
         for members in groups.values():
-            try:
-                localizer = self.localizer(members[0][2])
-                results = localizer.localize_batch([d for _, d, _, _ in members],
-                                                   seeds=[s.seed for _, _, s, _ in members])
-            except Exception:  # noqa: BLE001 - which row? each alone, so one row's failure stays that row's
+            if not self._run_rows(members, len(members), alone=len(members) == 1):
                 for member in members:
-                    self._run_rows([member], len(members))
-                continue
-            for member, result in zip(members, results, strict=True):
-                self._encode_row(member, result, len(members))
+                    self._run_rows([member], len(members), alone=True)
 
-    def _run_rows(self, members: list[tuple[dict[str, Any], DecodedImage, Settings, Any]], batch: int) -> None:
-        """Inference for ``members`` as one batch; a failure fails these rows only."""
+    def _run_rows(self, members: list[tuple[dict[str, Any], DecodedImage, Settings, Any]], batch: int,
+                  alone: bool) -> bool:
+        """Inference for ``members`` as one batch, then each row's encoding. False when the batch failed and is not
+        ``alone`` (its rows are to be tried one by one); a row alone that fails answers its error."""
         try:
             results = self.localizer(members[0][2]).localize_batch([d for _, d, _, _ in members],
                                                                    seeds=[s.seed for _, _, s, _ in members])
         except Exception as exc:  # noqa: BLE001 - e.g. a batch over the engines' limits, memory: these rows fail
+            if not alone:
+                return False
             self._fail([m[0] for m in members], "inference" if isinstance(exc, DiffimlError) else "internal", exc)
             if not isinstance(exc, DiffimlError):
                 log.exception("inference failed for %d row(s)", len(members))
-            return
+            return True
         for member, result in zip(members, results, strict=True):
             self._encode_row(member, result, batch)
+        return True
 
     def _encode_row(self, member: tuple[dict[str, Any], DecodedImage, Settings, Any], result: LocalizationResult,
                     batch: int) -> None:

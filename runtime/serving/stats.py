@@ -9,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAILURE_KINDS = ("parameters", "decode", "inference", "internal")
+FAILURE_KINDS = ("parameters", "decode", "inference", "encode", "internal")
 
 
 class ServeStats:
