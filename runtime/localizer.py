@@ -179,6 +179,11 @@ def parse_ensemble(ensemble: int | str | None, default: int, adaptive: AdaptiveE
     return (int(tail) if tail else default), adaptive or AdaptiveEnsemble()
 
 
+def _cue_pool() -> ThreadPoolExecutor:
+    """One worker thread for the copy-move cue (started on first use)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffiml-cue")
+
+
 class Localizer:
     def __init__(self, bundle: Bundle, backend: Backend, steps: int, ensemble: int, tta: bool, seed: int,
                  uncertainty: bool, adaptive: AdaptiveEnsemble | None = None, copy_move: bool = True,
@@ -201,8 +206,7 @@ class Localizer:
         self.follow_decision = follow_decision
         # one worker thread for the copy-move cue (made now: threads sharing this Localizer must not race to make it;
         # its thread starts on first use)
-        self._cues = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffiml-cue") \
-            if self.copy_move is not None else None
+        self._cues = _cue_pool() if self.copy_move is not None else None
         self._timesteps = self.plan.timesteps.astype(np.float32)
         draws = ensemble * (2 if tta else 1)
         self._noise = ensemble_noise(seed, draws, bundle.latent_shape)  # (draws, 8, h, w), shared by every image
@@ -234,8 +238,9 @@ class Localizer:
     def close(self) -> None:
         """Free the backend's device resources (TensorRT contexts, CUDA streams and graphs) if this Localizer opened
         it; a backend shared with other Localizers is left to its owner. Idempotent."""
-        if self._cues is not None:
+        if self._cues is not None:  # its thread ends; a new pool starts none until used (a shared backend goes on)
             self._cues.shutdown(wait=True)
+            self._cues = _cue_pool()
         if self._owns_backend:
             self._backend.close()
 
@@ -258,6 +263,8 @@ class Localizer:
         size = self.bundle.image_size
         decoded = [im if isinstance(im, DecodedImage) else load_image(im, size) for im in images]
         t1 = time.perf_counter()
+        if self._backend.closed:  # before the cue's thread is asked for anything (it ends with the backend's owner)
+            raise BackendUnavailableError(f"the {self.backend} backend of this Localizer was closed")
         # The cue starts first, in its own thread (OpenCV and onnxruntime release the GIL): its time hides behind
         # the preprocessing's and the graphs' where a core is free.
         cues = [self._cues.submit(copy_move_probability, d.rgb, self.copy_move, size) for d in decoded] \
